@@ -1,0 +1,1 @@
+"""Networks built from nnU-Net plans (filled by the ALL U-KAN issue)."""

@@ -1,0 +1,126 @@
+"""Uniform cubic B-spline math for the shared spline activation.
+
+Everything here is plain PyTorch and knows nothing of nnU-Net.
+
+Conventions (DESIGN.md §2): ``G`` intervals on ``[lo, hi]``, spline order 3, ``h = (hi - lo) / G``,
+``nb = G + 3`` basis functions. With ``u = (x - lo) / h`` the basis ``B_j`` is the cardinal cubic
+B-spline centred at ``u = j - 1`` (support ``[j - 3, j + 1]``), so every basis vanishes outside the
+extended grid ``[lo - 3h, hi + 3h]``.
+
+Two evaluation strategies exist because they win in different regimes:
+
+* the *interval table* (``spline_table``): for interval ``i = floor(u)`` the spline is one cubic
+  polynomial in ``t = u - i``. Four ``take``s and Horner beat evaluating ``nb`` bases per value in
+  eager mode, where every elementwise op is a pass over memory;
+* the *on-the-fly sum* (``spline_on_the_fly``): ``sum_j c_j B_j(u)`` with no indexing at all, which
+  ``torch.compile`` fuses into one kernel, and whose coefficient gradient becomes ``nb`` fused
+  reductions instead of a scatter.
+"""
+from __future__ import annotations
+
+import torch
+
+SPLINE_ORDER = 3
+
+# Rows k: the cubic pieces of the four bases that are non-zero on one interval, as polynomial
+# coefficients in t (columns: 1, t, t^2, t^3). Row 0 belongs to basis i (its last piece), row 3 to
+# basis i + 3 (its first piece).
+_PIECE_POLYNOMIALS = (
+    (1.0, -3.0, 3.0, -1.0),
+    (4.0, 0.0, -6.0, 3.0),
+    (1.0, 3.0, 3.0, -3.0),
+    (0.0, 0.0, 0.0, 1.0),
+)
+
+
+def num_bases(grid_size: int) -> int:
+    return grid_size + SPLINE_ORDER
+
+
+def cardinal_cubic_bspline(r: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline as a function of the distance ``r >= 0`` from its centre (zero for r >= 2)."""
+    inner = (4.0 - 6.0 * r * r + 3.0 * r * r * r) / 6.0
+    outer = torch.clamp(2.0 - r, min=0.0) ** 3 / 6.0
+    return torch.where(r < 1.0, inner, outer)
+
+
+def bspline_basis(x: torch.Tensor, grid_size: int, grid_range: tuple[float, float]) -> torch.Tensor:
+    """Dense basis ``B(x)`` of shape ``x.shape + (nb,)`` in closed form (for references and plots)."""
+    lo, hi = grid_range
+    u = (x - lo) * (grid_size / (hi - lo))
+    centres = torch.arange(num_bases(grid_size), device=x.device, dtype=x.dtype) - 1.0
+    return cardinal_cubic_bspline((u.unsqueeze(-1) - centres).abs())
+
+
+def spline_table(coef: torch.Tensor) -> torch.Tensor:
+    """Per-interval cubic polynomials of the spline ``sum_j coef[..., j] B_j``.
+
+    ``coef`` has shape ``(C, nb)``. Returns ``(C, G + 7, 4)``: rows ``0 .. G + 5`` are the intervals
+    ``i = -3 .. G + 2`` of the extended grid, row ``G + 6`` is all zero and serves every value outside it.
+    Differentiable in ``coef``: gradients reaching the table flow back to the coefficients.
+    """
+    pieces = torch.tensor(_PIECE_POLYNOMIALS, dtype=coef.dtype, device=coef.device) / 6.0
+    padded = torch.nn.functional.pad(coef, (SPLINE_ORDER, SPLINE_ORDER))
+    windows = padded.unfold(-1, SPLINE_ORDER + 1, 1)  # (C, G + 6, 4): c_i .. c_{i+3}
+    table = windows @ pieces
+    return torch.nn.functional.pad(table, (0, 0, 0, 1))
+
+
+class IntervalLookup:
+    """Where each value falls on the grid: flat table row and local coordinate ``t`` in [0, 1)."""
+
+    def __init__(self, x: torch.Tensor, lo: float, inv_h: float, grid_size: int, channel_offsets):
+        u = (x - lo) * inv_h
+        floor_u = torch.floor(u)
+        self.t = u - floor_u
+        rows = grid_size + 7
+        # Out-of-grid values (and NaN) go to the all-zero last row; remainder maps the clamped -1 there too.
+        row = torch.nan_to_num(floor_u, nan=-4.0).clamp_(-4.0, grid_size + 3.0).add_(3.0)
+        row = torch.remainder(row, rows).long()
+        if channel_offsets is not None:
+            row = row + channel_offsets
+        self.row = row
+
+    def gather(self, column: torch.Tensor) -> torch.Tensor:
+        return column.take(self.row)
+
+
+def _horner(lookup: IntervalLookup, columns: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_p columns[p][row] * t^p`` evaluated by Horner's rule."""
+    acc = lookup.gather(columns[-1])
+    for column in reversed(columns[:-1]):
+        acc = torch.addcmul(lookup.gather(column), acc, lookup.t)
+    return acc
+
+
+def spline_from_table(lookup: IntervalLookup, table: torch.Tensor) -> torch.Tensor:
+    flat = table.reshape(-1, 4)
+    return _horner(lookup, [flat[:, p].contiguous() for p in range(4)])
+
+
+def spline_slope_from_table(lookup: IntervalLookup, table: torch.Tensor, inv_h: float) -> torch.Tensor:
+    """dS/dx from the same table: (a1 + 2 a2 t + 3 a3 t^2) / h."""
+    flat = table.reshape(-1, 4)
+    return _horner(lookup, [(flat[:, p] * (p * inv_h)).contiguous() for p in range(1, 4)])
+
+
+def table_gradient(lookup: IntervalLookup, grad: torch.Tensor, table_shape) -> torch.Tensor:
+    """dL/dtable[row, p] = sum over values in that row of grad * t^p (four scatter-adds)."""
+    n_rows = table_shape[0] * table_shape[1]
+    row = lookup.row.reshape(-1)
+    out = grad.new_zeros(4, n_rows)
+    weighted = grad
+    for p in range(4):
+        if p:
+            weighted = weighted * lookup.t
+        out[p].scatter_add_(0, row, weighted.reshape(-1))
+    return out.t().reshape(table_shape)
+
+
+def spline_on_the_fly(u: torch.Tensor, coef_columns: list[torch.Tensor]) -> torch.Tensor:
+    """``sum_j c_j B_j(u)`` with each basis evaluated in closed form; no gathers, so it fuses under compile."""
+    out = None
+    for j, c in enumerate(coef_columns):
+        term = c * cardinal_cubic_bspline((u - (j - 1.0)).abs())
+        out = term if out is None else out + term
+    return out

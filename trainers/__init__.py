@@ -1,0 +1,1 @@
+"""nnU-Net trainers (filled by the ALL U-KAN issue)."""
