@@ -1,1 +1,16 @@
-"""nnU-Net trainers (filled by the ALL U-KAN issue)."""
+"""nnU-Net trainers for ALL U-KAN. Importable as ``nnunetv2_allukan.trainers``.
+
+nnU-Net finds them through ``export nnUNet_extTrainer="$(nnunetv2-allukan ext-path)"``.
+"""
+from .nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_AdamCosine
+from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epochs, nnUNetTrainerAllUKAN_50epochs,
+                       nnUNetTrainerAllUKAN_100epochs, nnUNetTrainerAllUKAN_exactGrad,
+                       nnUNetTrainerAllUKAN_shareChannel, nnUNetTrainerAllUKAN_skipAdd,
+                       nnUNetTrainerAllUKAN_smokeTest)
+
+TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
+                 "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
+                 "nnUNetTrainerAllUKAN_5epochs", "nnUNetTrainerAllUKAN_10epochs", "nnUNetTrainerAllUKAN_50epochs",
+                 "nnUNetTrainerAllUKAN_100epochs", "nnUNetTrainerAllUKAN_smokeTest"]
+
+__all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

@@ -1,0 +1,228 @@
+"""ALL U-KAN built from an nnU-Net plans configuration (DESIGN.md §3).
+
+Every convolution is a KAonv, every per-voxel linear map a KALinear; apart from normalisation there is
+nothing else with weights. The constructor takes the same keywords as dynamic-network-architectures'
+``PlainConvUNet`` (so a plans ``architecture`` block written for it can name this class instead), plus the KA
+choices. ``nonlin``/``nonlin_kwargs`` are accepted and ignored: the spline activation is the nonlinearity.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dynamic_network_architectures.building_blocks.helper import (convert_conv_op_to_dim,
+                                                                  get_matching_instancenorm,
+                                                                  maybe_convert_scalar_to_list)
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+from nnunetv2_allukan.activation import SHARE_MODES, SPLINE_GRAD_MODES, SharedSplineActivation
+from nnunetv2_allukan.layers import KA_CONV_FOR, KA_CONV_TRANSPOSE_FOR, KALinear
+
+SKIP_MODES = ("concat", "add")
+
+
+def validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode):
+    """Fail at build time, naming the argument, before any layer is made."""
+    if spline_grad not in SPLINE_GRAD_MODES:
+        raise ValueError(f"AllUKAN: spline_grad={spline_grad!r} is not supported; allowed: {SPLINE_GRAD_MODES}")
+    if share not in SHARE_MODES:
+        raise ValueError(f"AllUKAN: share={share!r} is not supported; allowed: {SHARE_MODES}")
+    if skip_mode not in SKIP_MODES:
+        raise ValueError(f"AllUKAN: skip_mode={skip_mode!r} is not supported; allowed: {SKIP_MODES}")
+    if isinstance(token_stages, bool) or not isinstance(token_stages, int) or not 0 <= token_stages <= n_stages:
+        raise ValueError(f"AllUKAN: token_stages must be an integer in [0, n_stages={n_stages}], "
+                         f"got {token_stages!r}")
+    # Grid checks live in SharedSplineActivation; build one to raise its message with our prefix.
+    try:
+        SharedSplineActivation(grid_size=grid_size, grid_range=grid_range)
+    except ValueError as e:
+        raise ValueError(f"AllUKAN: {e}") from None
+
+
+class KAConvBlock(nn.Sequential):
+    """KAonv -> norm (-> dropout). No separate nonlinearity: phi inside the next KA layer is it."""
+
+    def __init__(self, ka_conv, c_in, c_out, kernel_size, stride, norm_op, norm_op_kwargs, dropout_op,
+                 dropout_op_kwargs, conv_bias, spline_kwargs, groups=1):
+        padding = [(k - 1) // 2 for k in kernel_size]
+        layers = [ka_conv(c_in, c_out, kernel_size, stride=stride, padding=padding, groups=groups, bias=conv_bias,
+                          **spline_kwargs),
+                  norm_op(c_out, **norm_op_kwargs)]
+        if dropout_op is not None:
+            layers.append(dropout_op(**dropout_op_kwargs))
+        super().__init__(*layers)
+
+
+class TokenKABlock(nn.Module):
+    """Tokenised KA block (U-KAN's KAN block, fully KA): x + Sub3(Sub2(Sub1(LayerNorm(x)))).
+
+    Each sub-block is a per-voxel KALinear on the tokens, then a depthwise 3x3(x3) KAonv and the norm.
+    """
+
+    def __init__(self, channels, dim, ka_conv, norm_op, norm_op_kwargs, conv_bias, spline_kwargs, n_sub_blocks=3):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(channels)
+        self.token_linears = nn.ModuleList(KALinear(channels, channels, **spline_kwargs)
+                                           for _ in range(n_sub_blocks))
+        self.depthwise = nn.ModuleList(
+            KAConvBlock(ka_conv, channels, channels, [3] * dim, 1, norm_op, norm_op_kwargs, None, None, conv_bias,
+                        spline_kwargs, groups=channels)
+            for _ in range(n_sub_blocks))
+
+    def forward(self, x):
+        spatial = x.shape[2:]
+        y = self.layer_norm(x.flatten(2).transpose(1, 2))  # (N, L, C) tokens
+        for linear, depthwise in zip(self.token_linears, self.depthwise):
+            y = linear(y).transpose(1, 2).reshape(x.shape[0], -1, *spatial)
+            y = depthwise(y)
+            y = y.flatten(2).transpose(1, 2)
+        return x + y.transpose(1, 2).reshape(x.shape)
+
+
+class AllUKANEncoder(nn.Module):
+    def __init__(self, stages: Sequence[nn.Module]):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x):
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class AllUKANDecoder(nn.Module):
+    """Up-sampling KAonvTranspose, skip fusion, KAonv blocks, a 1x1 KAonv head per stage.
+
+    ``deep_supervision`` is the attribute nnU-Net's ``set_deep_supervision_enabled`` switches. All heads exist
+    either way, so the state_dict does not depend on it.
+    """
+
+    def __init__(self, upsamplers, stages, heads, skip_mode, deep_supervision):
+        super().__init__()
+        self.upsamplers = nn.ModuleList(upsamplers)
+        self.stages = nn.ModuleList(stages)
+        self.seg_layers = nn.ModuleList(heads)
+        self.skip_mode = skip_mode
+        self.deep_supervision = deep_supervision
+
+    def forward(self, skips):
+        x = skips[-1]
+        outputs = []
+        n = len(self.stages)
+        for i in range(n):
+            x = self.upsamplers[i](x)
+            skip = skips[-(i + 2)]
+            x = torch.cat((x, skip), 1) if self.skip_mode == "concat" else x + skip
+            x = self.stages[i](x)
+            if self.deep_supervision:
+                outputs.append(self.seg_layers[i](x))
+            elif i == n - 1:
+                outputs.append(self.seg_layers[-1](x))
+        outputs = outputs[::-1]  # full resolution first, as nnU-Net's deep supervision loss expects
+        return outputs if self.deep_supervision else outputs[0]
+
+
+class AllUKAN(nn.Module):
+    """ALL U-KAN: a U-Net made only of KA layers (plus normalisation), built from nnU-Net plans.
+
+    Args (plans): ``input_channels``, ``n_stages``, ``features_per_stage``, ``conv_op`` (nn.Conv2d/3d or its
+    dotted name), ``kernel_sizes``, ``strides``, ``n_conv_per_stage``, ``num_classes``,
+    ``n_conv_per_stage_decoder``, ``conv_bias``, ``norm_op`` (+kwargs; default: instance norm), ``dropout_op``
+    (+kwargs), ``deep_supervision``.
+    Args (KA): ``spline_grad`` ("free"|"exact"), ``share`` ("layer"|"channel"), ``grid_size``, ``grid_range``,
+    ``token_stages`` (how many of the deepest resolutions carry a tokenised KA block, default 2),
+    ``skip_mode`` ("concat"|"add"), ``impl`` (see SharedSplineActivation).
+    """
+
+    def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
+                 n_conv_per_stage, num_classes: int, n_conv_per_stage_decoder, conv_bias: bool = True,
+                 norm_op=None, norm_op_kwargs: dict | None = None, dropout_op=None,
+                 dropout_op_kwargs: dict | None = None, nonlin=None, nonlin_kwargs=None,
+                 deep_supervision: bool = False, nonlin_first: bool = False, *,
+                 spline_grad: str = "free", share: str = "layer", grid_size: int = 5,
+                 grid_range: Sequence[float] = (-3.0, 3.0), token_stages: int = 2, skip_mode: str = "concat",
+                 impl: str = "auto"):
+        super().__init__()
+        conv_op = _locate(conv_op)
+        norm_op = _locate(norm_op) if norm_op is not None else get_matching_instancenorm(conv_op)
+        dropout_op = _locate(dropout_op) if dropout_op is not None else None
+        if conv_op not in KA_CONV_TRANSPOSE_FOR:
+            raise ValueError(f"AllUKAN: conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")
+        validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode)
+        dim = convert_conv_op_to_dim(conv_op)
+        features = _per_stage(features_per_stage, n_stages, "features_per_stage")
+        kernel_sizes = [maybe_convert_scalar_to_list(conv_op, k) for k in _per_stage(kernel_sizes, n_stages,
+                                                                                        "kernel_sizes")]
+        strides = [maybe_convert_scalar_to_list(conv_op, s) for s in _per_stage(strides, n_stages, "strides")]
+        n_conv = _per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
+        n_conv_dec = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
+        norm_op_kwargs = dict(norm_op_kwargs or {"eps": 1e-5, "affine": True})
+        dropout_op_kwargs = dict(dropout_op_kwargs or {})
+        spline_kwargs = dict(spline_grad=spline_grad, share=share, grid_size=grid_size,
+                             grid_range=tuple(float(v) for v in grid_range), impl=impl)
+        ka_conv, ka_up = KA_CONV_FOR[conv_op], KA_CONV_TRANSPOSE_FOR[conv_op]
+        first_token_stage = n_stages - token_stages
+        block = dict(norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
+                     dropout_op_kwargs=dropout_op_kwargs, conv_bias=conv_bias, spline_kwargs=spline_kwargs)
+
+        def stage(c_in, c_out, kernel, first_stride, n_blocks, with_tokens):
+            blocks = [KAConvBlock(ka_conv, c_in if b == 0 else c_out, c_out, kernel,
+                                  first_stride if b == 0 else 1, **block) for b in range(n_blocks)]
+            if with_tokens:
+                blocks.append(TokenKABlock(c_out, dim, ka_conv, norm_op, norm_op_kwargs, conv_bias, spline_kwargs))
+            return nn.Sequential(*blocks)
+
+        enc = []
+        c_in = input_channels
+        for s in range(n_stages):
+            enc.append(stage(c_in, features[s], kernel_sizes[s], strides[s], n_conv[s], s >= first_token_stage))
+            c_in = features[s]
+        self.encoder = AllUKANEncoder(enc)
+
+        ups, dec, heads = [], [], []
+        for s in range(n_stages - 2, -1, -1):
+            ups.append(ka_up(features[s + 1], features[s], strides[s + 1], stride=strides[s + 1], bias=conv_bias,
+                             **spline_kwargs))
+            fused = 2 * features[s] if skip_mode == "concat" else features[s]
+            dec.append(stage(fused, features[s], kernel_sizes[s], 1, n_conv_dec[s], s >= first_token_stage))
+            heads.append(ka_conv(features[s], num_classes, [1] * dim, bias=True, **spline_kwargs))
+        self.decoder = AllUKANDecoder(ups, dec, heads, skip_mode, deep_supervision)
+        self.num_classes = num_classes
+        self.strides = strides
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+    @staticmethod
+    def initialize(module):
+        InitWeights_He(1e-2)(module)
+
+
+def _locate(op):
+    if isinstance(op, str):
+        import pydoc
+        located = pydoc.locate(op)
+        if located is None:
+            raise ValueError(f"AllUKAN: cannot import {op!r} named in the plans")
+        return located
+    return op
+
+
+def _per_stage(value, n: int, name: str) -> list:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"AllUKAN: {name} has {len(value)} entries, but {n} are needed")
+    return value
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["AllUKAN", "TokenKABlock", "KAConvBlock", "count_parameters", "validate_ka_kwargs", "SKIP_MODES"]
