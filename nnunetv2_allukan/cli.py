@@ -178,7 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASS_THROUGH:
+        # argparse would try to interpret options such as -i meant for nnU-Net: hand them over untouched.
+        return PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

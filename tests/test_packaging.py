@@ -2,21 +2,6 @@
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def built_wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-                   check=True, cwd=out)
-    wheels = list(out.glob("nnunetv2_allukan-*.whl"))
-    assert len(wheels) == 1
-    return wheels[0]
 
 
 def test_wheel_contains_subpackages(built_wheel):

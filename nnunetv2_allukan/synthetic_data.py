@@ -1,4 +1,7 @@
-"""Small synthetic nnU-Net raw datasets for the end-to-end tests (built at run time, never committed)."""
+"""Small synthetic nnU-Net raw datasets (tests, smoke runs, recipe comparison); built at run time, never committed.
+
+Writes the standard raw layout (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json); imports no nnU-Net.
+"""
 from __future__ import annotations
 
 import json
