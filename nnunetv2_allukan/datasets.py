@@ -84,12 +84,16 @@ def _dataset_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) 
     return folder, complete
 
 
+# nnU-Net treats the axis with the largest spacing as out of plane for 2D data; its own 2D reader uses 999.
+SLICE_AXIS_SPACING = 999.0
+
+
 def _write_slice(array_yx: np.ndarray, path: str, spacing_xy: tuple[float, float], origin_ras):
     """One axial slice as a single-slice NIfTI (x, y spacing kept; RAS origin converted to ITK's LPS)."""
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(array_yx[None])
-    img.SetSpacing((float(spacing_xy[0]), float(spacing_xy[1]), 1.0))
+    img.SetSpacing((float(spacing_xy[0]), float(spacing_xy[1]), SLICE_AXIS_SPACING))
     img.SetOrigin((-float(origin_ras[0]), -float(origin_ras[1]), float(origin_ras[2])))
     img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     sitk.WriteImage(img, path)
