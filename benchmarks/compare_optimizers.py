@@ -77,9 +77,9 @@ def main():
             trainer.perform_actual_validation(False)
             summary = load_json(os.path.join(trainer.output_folder, "validation", "summary.json"))
             rows.append(dict(trainer=cls.__name__, seed=seed, epochs=args.epochs, iters=args.iters,
-                             dice=summary["foreground_mean"]["Dice"],
+                             dice=float(summary["foreground_mean"]["Dice"]),
                              dice_per_class={k: v["Dice"] for k, v in summary["mean"].items()},
-                             final_train_loss=trainer.logger.local_logger.my_fantastic_logging["train_losses"][-1],
+                             final_train_loss=float(trainer.logger.local_logger.my_fantastic_logging["train_losses"][-1]),
                              seconds=time.time() - t0))
             print(json.dumps(rows[-1]), flush=True)
     out = os.path.join(work, "optimizer_comparison.json")

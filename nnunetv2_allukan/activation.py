@@ -195,7 +195,7 @@ class SharedSplineActivation(nn.Module):
         return out.to(x.dtype)
 
     @torch.no_grad()
-    def curves(self, num_points: int = 200, margin: float = 0.5):
+    def curves(self, num_points: int = 200, margin: float = 0.1):
         """(x, base part, spline part) per shared spline, for plotting the learned activations."""
         lo, hi = self.grid_range
         h = (hi - lo) / self.grid_size

@@ -4,6 +4,10 @@
   train         nnUNetv2_train with the plugin's trainers discoverable (arguments passed through unchanged)
   predict       nnUNetv2_predict likewise
   add-plans     add a plans configuration (e.g. 2d_allukan) that names AllUKAN, for the stock nnUNetTrainer
+  demo          real brain data -> nnU-Net -> ALL U-KAN -> Dice, on a CPU, in one command
+  crossval      run and compare cross-validations of several trainers (tables, CSV, JSON, box plot)
+  make-dataset  write a real-data nnU-Net raw dataset from files inside installed PyPI packages
+  plot-activations  PNG of every KA layer's learned activation, from an nnU-Net checkpoint
   bench-layers  the layer benchmark
 """
 from __future__ import annotations
@@ -142,6 +146,55 @@ def _add_plans(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from . import demo
+    return demo.main(args.rest)
+
+
+def _make_dataset(args) -> int:
+    from . import datasets
+    raw = args.raw or _require_env("nnUNet_raw")
+    if args.kind == "icbm2d":
+        info = datasets.make_icbm152_2d(raw, args.dataset_id or 501, downsample=args.downsample,
+                                        cross_template=not args.no_cross_template, overwrite=args.overwrite)
+    else:
+        info = datasets.make_icbm152_3d(raw, args.dataset_id or 503, downsample=args.downsample,
+                                        overwrite=args.overwrite)
+    print(f"{info['folder']}: {len(info['cases'])} training cases, {len(info.get('test_cases', []))} test cases")
+    if args.kind == "icbm2d":
+        # Neighbouring slices are near-duplicates: nnU-Net's random folds would leak, so write slab folds.
+        preprocessed = args.preprocessed or os.environ.get("nnUNet_preprocessed")
+        if preprocessed:
+            path = datasets.write_splits(os.path.join(preprocessed, info["name"]),
+                                         datasets.slab_splits(info["cases"]))
+            print(f"contiguous slab folds written to {path} (nnU-Net uses them instead of random folds)")
+        else:
+            print("nnUNet_preprocessed is not set: no splits_final.json written; nnU-Net's random folds would put "
+                  "neighbouring (near-identical) slices on both sides")
+    print(f"Next: nnUNetv2_plan_and_preprocess -d {info['dataset_id']} --verify_dataset_integrity")
+    return 0
+
+
+def _plot_activations(args) -> int:
+    from .checkpoints import load_network
+    from .plots import plot_activations
+    network, checkpoint = load_network(args.model)
+    out = args.output or os.path.join(os.path.dirname(checkpoint["checkpoint_file"]), "activations.png")
+    n = plot_activations(network, out, max_channels=args.max_channels,
+                         title=f"{checkpoint['trainer_name']}: learned activations (solid phi, dashed silu part, "
+                               f"dotted spline part)")
+    print(f"wrote {out} ({n} KA layers)")
+    return 0
+
+
+def _crossval(args) -> int:
+    from . import crossval
+    try:
+        return crossval.main(args.rest)
+    except crossval.CrossvalError as e:
+        raise UserError(str(e)) from None
+
+
 def _bench_layers(args) -> int:
     from . import bench_layers
     bench_layers.main(args.rest)
@@ -171,6 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mode", dest="skip_mode", choices=["concat", "add"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
     p.set_defaults(func=_add_plans)
+    p = sub.add_parser("demo", help="the real-data demo (see nnunetv2-allukan demo -h)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_demo)
+    p = sub.add_parser("crossval", help="cross-validation benchmarking (see nnunetv2-allukan crossval -h)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_crossval)
+    p = sub.add_parser("make-dataset", help="build a real-data nnU-Net raw dataset (ICBM152 from nilearn)")
+    p.add_argument("kind", choices=["icbm2d", "icbm3d"])
+    p.add_argument("--raw", help="nnUNet_raw folder (default: $nnUNet_raw)")
+    p.add_argument("--preprocessed", help="nnUNet_preprocessed folder for splits_final.json "
+                                          "(default: $nnUNet_preprocessed)")
+    p.add_argument("--dataset-id", type=int)
+    p.add_argument("--downsample", type=int, default=2)
+    p.add_argument("--no-cross-template", action="store_true", help="icbm2d: skip the CAT12 test set")
+    p.add_argument("--overwrite", action="store_true", help="rebuild the dataset if it exists")
+    p.set_defaults(func=_make_dataset)
+    p = sub.add_parser("plot-activations", help="PNG of the learned activations of a trained model")
+    p.add_argument("model", help="checkpoint .pth or nnU-Net fold folder")
+    p.add_argument("-o", dest="output", help="PNG path (default: activations.png next to the checkpoint)")
+    p.add_argument("--max-channels", type=int, default=4, help="channels overlaid for share='channel'")
+    p.set_defaults(func=_plot_activations)
     p = sub.add_parser("bench-layers", help="layer benchmark (see python -m nnunetv2_allukan.bench_layers -h)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -178,18 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers}
+PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers, "demo": _demo,
+                "crossval": _crossval}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASS_THROUGH:
         # argparse would try to interpret options such as -i meant for nnU-Net: hand them over untouched.
-        return PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:]))
+        from .checkpoints import CheckpointError
+        from .datasets import DatasetError
+        try:
+            return PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:]))
+        except (UserError, DatasetError, CheckpointError) as e:
+            print(f"nnunetv2-allukan {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
+    from .checkpoints import CheckpointError
+    from .datasets import DatasetError
     try:
         return args.func(args)
-    except UserError as e:
+    except (UserError, DatasetError, CheckpointError) as e:
         print(f"nnunetv2-allukan {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,9 @@
 * ICBM152 2009a (``nilearn`` wheel, BSD-3; MNI ICBM152 template, (c) McConnell Brain Imaging Centre, please
   cite Fonov et al. 2011/2009): T1 with grey/white-matter probability maps. Labels: 0 background, 1 grey
   matter, 2 white matter (the larger probability, where it exceeds 0.5).
+* CAT12 T1 template with the neuromorphometrics atlas (``deepmriprep`` wheel, MIT package; the atlas is
+  CC BY-NC, Neuromorphometrics Inc.): a second, independently made template, mapped to the same tissue
+  classes and used only as a cross-template test set.
 
 The files are found on the installed package's path (``pip install nilearn``), never downloaded, and the
 datasets are built at run time; nothing derived is committed. Imports no nnU-Net.
@@ -99,45 +102,154 @@ def _write_slice(array_yx: np.ndarray, path: str, spacing_xy: tuple[float, float
     sitk.WriteImage(img, path)
 
 
+def load_cat12_on_grid(affine_ras: np.ndarray, shape: tuple[int, int, int]):
+    """The CAT12 T1 template and neuromorphometrics tissue masks (``deepmriprep`` wheel), resampled to a grid.
+
+    Both templates live in MNI space, so world coordinates are shared: the 0.5 mm T1 is sampled trilinearly
+    and the 1 mm label atlas by nearest neighbour at the world position of every target voxel. Atlas regions
+    map to grey/white matter through the atlas csv (Vgm/Vwm columns); CSF and unlabelled voxels become
+    background, as in the ICBM labels. Returns (t1, gm_mask, wm_mask) as float32 arrays of ``shape``.
+    """
+    import csv
+
+    import nibabel as nib
+    from scipy.ndimage import map_coordinates
+
+    t1_img = nib.load(package_file("deepmriprep", "data/templates/Template_05mm_bet.nii.gz"))
+    atlas_img = nib.load(package_file("deepmriprep", "data/templates/neuromorphometrics.nii.gz"))
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), 0).reshape(3, -1)
+    world = affine_ras[:3, :3] @ grid + affine_ras[:3, 3:4]
+
+    def voxel_coords(img):
+        inv = np.linalg.inv(img.affine)
+        return inv[:3, :3] @ world + inv[:3, 3:4]
+
+    t1 = map_coordinates(np.asarray(t1_img.dataobj, np.float32), voxel_coords(t1_img), order=1, cval=0.0)
+    atlas = map_coordinates(np.asarray(atlas_img.dataobj), voxel_coords(atlas_img), order=0, cval=0)
+    gm_ids, wm_ids = [], []
+    with open(package_file("deepmriprep", "data/templates/neuromorphometrics.csv")) as f:
+        for row in csv.DictReader(f, delimiter=";"):
+            if row["Vgm"].strip() == "1":
+                gm_ids.append(int(row["ROIid"]))
+            elif row["Vwm"].strip() == "1":
+                wm_ids.append(int(row["ROIid"]))
+    gm = np.isin(atlas, gm_ids).astype(np.float32)
+    wm = np.isin(atlas, wm_ids).astype(np.float32)
+    return t1.reshape(shape), gm.reshape(shape), wm.reshape(shape)
+
+
+def _write_axial_slices(folder: str, split: str, prefix: str, t1, gm, wm, affine, downsample: int,
+                        min_brain_voxels: int, every: int = 1) -> list[str]:
+    """Every ``every``-th axial slice with enough tissue as one 2D case in images<split>/labels<split>."""
+    for sub in (f"images{split}", f"labels{split}"):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    full_labels = tissue_labels(gm, wm)
+    spacing = (float(abs(affine[0, 0])) * downsample, float(abs(affine[1, 1])) * downsample)
+    cases = []
+    for z in range(0, t1.shape[2], every):
+        if int((full_labels[:, :, z] > 0).sum()) < min_brain_voxels or not t1[:, :, z].any():
+            continue
+        image = block_mean_2d(t1[:, :, z], downsample)
+        labels = tissue_labels(block_mean_2d(gm[:, :, z], downsample), block_mean_2d(wm[:, :, z], downsample))
+        origin = affine @ np.array([(downsample - 1) / 2, (downsample - 1) / 2, z, 1.0])
+        case = f"{prefix}_z{z:03d}"
+        # arrays are (x, y); SimpleITK wants (y, x)
+        _write_slice(image.T.astype(np.float32), os.path.join(folder, f"images{split}", f"{case}_0000.nii.gz"),
+                     spacing, origin)
+        _write_slice(labels.T, os.path.join(folder, f"labels{split}", f"{case}.nii.gz"), spacing, origin)
+        cases.append(case)
+    return cases
+
+
 def make_icbm152_2d(raw_root: str, dataset_id: int = 501, downsample: int = 2, min_brain_voxels: int = 200,
-                    overwrite: bool = False) -> dict:
+                    cross_template: bool = True, test_every: int = 3, overwrite: bool = False) -> dict:
     """Axial ICBM152 slices as a 2D nnU-Net dataset (``DatasetXXX_ICBM152Tissue2D``).
 
     ``downsample`` average-pools in plane (2 -> 2 mm, 98x116) so that a CPU can train it. Slices with fewer
-    than ``min_brain_voxels`` tissue voxels (at full resolution) are left out. Returns a description with the
-    folder and the ordered case ids (inferior to superior) for ``slab_splits``.
+    than ``min_brain_voxels`` tissue voxels (at full resolution) are left out. With ``cross_template`` (needs
+    ``deepmriprep``) the CAT12 template's slices, resampled to the ICBM grid, become imagesTs/labelsTs: an
+    independently made brain, used only for testing; every ``test_every``-th slice is kept (neighbours are
+    near-duplicates and would only cost prediction time). Returns a description with the folder, the ordered
+    training case ids (inferior to superior, for ``slab_splits``) and the test case ids.
     """
-    if not isinstance(downsample, int) or downsample < 1:
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
         raise DatasetError(f"downsample must be an integer >= 1, got {downsample!r}")
     folder, complete = _dataset_folder(raw_root, dataset_id, "ICBM152Tissue2D", overwrite)
+    if complete:
+        with open(os.path.join(folder, "cases.json")) as f:
+            info = json.load(f)
+        if info["downsample"] != downsample or bool(info["test_cases"]) != cross_template:
+            raise DatasetError(f"{folder} exists with downsample={info['downsample']} and "
+                               f"{len(info['test_cases'])} cross-template test cases; pass overwrite=True "
+                               f"(--overwrite) to rebuild it, or use another dataset id")
+        return info
+    t1, gm, wm, affine = load_icbm152()
+    cases = _write_axial_slices(folder, "Tr", "icbm", t1, gm, wm, affine, downsample, min_brain_voxels)
+    test_cases = []
+    if cross_template:
+        cat_t1, cat_gm, cat_wm = load_cat12_on_grid(affine, t1.shape)
+        test_cases = _write_axial_slices(folder, "Ts", "cat12", cat_t1, cat_gm, cat_wm, affine, downsample,
+                                         min_brain_voxels, every=test_every)
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"channel_names": {"0": "T1"}, "labels": TISSUE_LABELS, "numTraining": len(cases),
+                   "file_ending": ".nii.gz",
+                   "description": "ICBM152 2009a sym T1 with GM/WM from its probability maps (nilearn wheel); "
+                                  "test: CAT12 template with neuromorphometrics tissue (deepmriprep wheel). "
+                                  "Built at run time, never redistributed; see README for licences."},
+                  f, indent=2)
+    info = {"folder": folder, "dataset_id": dataset_id, "name": os.path.basename(folder), "cases": cases,
+            "test_cases": test_cases, "downsample": downsample,
+            "spacing": [float(abs(affine[0, 0])) * downsample, float(abs(affine[1, 1])) * downsample]}
+    with open(os.path.join(folder, "cases.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info
+
+
+def make_icbm152_3d(raw_root: str, dataset_id: int = 503, downsample: int = 2, slab_thickness: int = 24,
+                    overwrite: bool = False) -> dict:
+    """The ICBM152 volume as a 3D dataset of axial slabs (``DatasetXXX_ICBM152Tissue3D``), for 3D smoke runs.
+
+    In-plane downsampling keeps anisotropic spacing (``downsample`` mm x ``downsample`` mm x 1 mm), which is
+    what nnU-Net's 3D planner must handle. Slabs without tissue are skipped.
+    """
+    import SimpleITK as sitk
+
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+        raise DatasetError(f"downsample must be an integer >= 1, got {downsample!r}")
+    folder, complete = _dataset_folder(raw_root, dataset_id, "ICBM152Tissue3D", overwrite)
     if complete:
         with open(os.path.join(folder, "cases.json")) as f:
             return json.load(f)
     t1, gm, wm, affine = load_icbm152()
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    full_labels = tissue_labels(gm, wm)
-    spacing = (float(abs(affine[0, 0])) * downsample, float(abs(affine[1, 1])) * downsample)
+    spacing = (float(abs(affine[0, 0])) * downsample, float(abs(affine[1, 1])) * downsample,
+               float(abs(affine[2, 2])))
     cases = []
-    for z in range(t1.shape[2]):
-        if int((full_labels[:, :, z] > 0).sum()) < min_brain_voxels:
+    for z0 in range(0, t1.shape[2] - slab_thickness + 1, slab_thickness):
+        sl = slice(z0, z0 + slab_thickness)
+        gm_s, wm_s = block_mean_2d(gm[:, :, sl], downsample), block_mean_2d(wm[:, :, sl], downsample)
+        labels = tissue_labels(gm_s, wm_s)
+        if not labels.any():
             continue
-        image = block_mean_2d(t1[:, :, z], downsample)
-        labels = tissue_labels(block_mean_2d(gm[:, :, z], downsample), block_mean_2d(wm[:, :, z], downsample))
-        origin = affine @ np.array([(downsample - 1) / 2, (downsample - 1) / 2, z, 1.0])
-        case = f"icbm_z{z:03d}"
-        # arrays are (x, y); SimpleITK wants (y, x)
-        _write_slice(image.T.astype(np.float32), os.path.join(folder, "imagesTr", f"{case}_0000.nii.gz"), spacing,
-                     origin)
-        _write_slice(labels.T, os.path.join(folder, "labelsTr", f"{case}.nii.gz"), spacing, origin)
+        image = block_mean_2d(t1[:, :, sl], downsample)
+        origin = affine @ np.array([(downsample - 1) / 2, (downsample - 1) / 2, z0, 1.0])
+        case = f"icbm_slab{z0:03d}"
+        for arr, path in ((image.astype(np.float32), os.path.join(folder, "imagesTr", f"{case}_0000.nii.gz")),
+                          (labels, os.path.join(folder, "labelsTr", f"{case}.nii.gz"))):
+            img = sitk.GetImageFromArray(np.transpose(arr, (2, 1, 0)))  # (x, y, z) -> ITK's (z, y, x)
+            img.SetSpacing(spacing)
+            img.SetOrigin((-float(origin[0]), -float(origin[1]), float(origin[2])))
+            img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+            sitk.WriteImage(img, path)
         cases.append(case)
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump({"channel_names": {"0": "T1"}, "labels": TISSUE_LABELS, "numTraining": len(cases),
                    "file_ending": ".nii.gz",
-                   "description": "ICBM152 2009a sym T1, GM/WM from its probability maps (nilearn wheel). "
-                                  "Built at run time; MNI ICBM152 licence: cite Fonov et al. 2011."}, f, indent=2)
-    info = {"folder": folder, "dataset_id": dataset_id, "cases": cases, "downsample": downsample,
-            "spacing": list(spacing)}
+                   "description": "ICBM152 2009a sym T1 axial slabs with GM/WM labels (nilearn wheel); "
+                                  "built at run time."}, f, indent=2)
+    info = {"folder": folder, "dataset_id": dataset_id, "name": os.path.basename(folder), "cases": cases,
+            "downsample": downsample, "spacing": list(spacing)}
     with open(os.path.join(folder, "cases.json"), "w") as f:
         json.dump(info, f, indent=2)
     return info

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nnunetv2_allukan.synthetic_data import make_2d_dataset, make_3d_dataset
+
 # Two cores in CI: keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -36,3 +38,54 @@ def wheel_install(built_wheel, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                     str(built_wheel)], check=True)
     return target
+
+
+# --- nnU-Net end-to-end helpers (shared by the e2e, demo and crossval tests) ---
+
+BIN = Path(sys.executable).parent
+SMOKE = "nnUNetTrainerAllUKAN_smokeTest"
+D2, D3 = "990", "991"
+
+
+def run(cmd, env, expect_ok=True, timeout=900, cwd=None):
+    exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
+    proc = subprocess.run([exe, *cmd[1:]], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if expect_ok and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def ext_path(env):
+    return run(["nnunetv2-allukan", "ext-path"], env).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def nnunet(tmp_path_factory):
+    """nnU-Net folders with both datasets planned and preprocessed (once per session)."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
+               nnUNet_results=str(root / "results"),
+               # 2 cores: no worker pools (DESIGN.md §4). Planning needs nnUNet_n_proc_DA >= 1.
+               nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", OMP_NUM_THREADS="2")
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[key])
+    make_2d_dataset(env["nnUNet_raw"], int(D2))
+    make_3d_dataset(env["nnUNet_raw"], int(D3))
+    run(["nnUNetv2_plan_and_preprocess", "-d", D2, "-c", "2d", "-np", "1", "-npfp", "1",
+         "--verify_dataset_integrity"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", D3, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    env["nnUNet_n_proc_DA"] = "0"  # training: single-threaded augmentation
+    return {"root": root, "env": env}
+
+
+def results_folder(nnunet, dataset_name, trainer, config):
+    return nnunet["root"] / "results" / dataset_name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
+
+
+@pytest.fixture(scope="session")
+def trained_2d(nnunet):
+    """README: export nnUNet_extTrainer=$(nnunetv2-allukan ext-path); nnUNetv2_train D 2d 0 -tr ..."""
+    env = {**nnunet["env"], "nnUNet_extTrainer": ext_path(nnunet["env"])}
+    run(["nnUNetv2_train", D2, "2d", "0", "-tr", SMOKE, "-device", "cpu", "--npz"], env)
+    return results_folder(nnunet, "Dataset990_KATest2D", SMOKE, "2d")

@@ -201,3 +201,23 @@ def test_spline_parameters_are_split_out():
     assert spline and other
     assert all(p.numel() in (1, 8) for p in spline)  # base weight (1) and coefficients (G + 3 = 8)
     assert len(spline) + len(other) == len(list(net.parameters()))
+
+
+def test_compiled_allukan_matches_eager():
+    """nnU-Net compiles by default on CUDA; under torch.compile the layers take the plain-ops path.
+
+    The whole network is traced with the aot_eager backend (dynamo + AOT autograd, no C++ code generation, which
+    takes many minutes on 2 cores); inductor code generation of KA layers is checked in test_layers.
+    """
+    torch._dynamo.reset()
+    arch = plans_arch(2, 3, [[1, 1], [2, 2], [2, 2]], features=[4, 8, 8])
+    net = build(arch, 1, 2, ds=True, spline_grad="exact", share="channel")
+    x = torch.randn(2, 1, 16, 24)
+    eager = net(x)
+    eager_grads = torch.autograd.grad(sum(o.square().mean() for o in eager), list(net.parameters()))
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
+    grads = torch.autograd.grad(sum(o.square().mean() for o in compiled), list(net.parameters()))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+    for g, ge in zip(grads, eager_grads):
+        torch.testing.assert_close(g, ge, atol=1e-4, rtol=1e-3)

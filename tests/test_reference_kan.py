@@ -60,5 +60,5 @@ def test_kan_conv3d_shape_and_groups():
     conv = KANConv3d(4, 4, 3, padding=1, stride=2, groups=4)
     y = conv(torch.randn(1, 4, 6, 7, 8))
     assert y.shape == F.conv3d(torch.randn(1, 4, 6, 7, 8), torch.randn(4, 1, 3, 3, 3), padding=1, stride=2, groups=4).shape
-    with pytest.raises(ValueError, match="expects \(N, 4"):
+    with pytest.raises(ValueError, match=r"expects \(N, 4"):
         conv(torch.randn(1, 3, 6, 7, 8))

@@ -15,6 +15,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from .guards import CheckpointMismatchMessage, NonFiniteLossGuard
+
 ALLUKAN_CLASS_NAME = "nnunetv2_allukan.architectures.AllUKAN"
 
 
@@ -73,8 +75,11 @@ def split_spline_parameters(network: torch.nn.Module):
     return spline, other
 
 
-class nnUNetTrainerAllUKAN(nnUNetTrainer):
-    """ALL U-KAN with the Grad-Free Spline, one spline per layer, nnU-Net's SGD + poly schedule."""
+class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, nnUNetTrainer):
+    """ALL U-KAN with the Grad-Free Spline, one spline per layer, nnU-Net's SGD + poly schedule.
+
+    Unlike stock nnU-Net it stops on repeated non-finite losses and explains checkpoint/plans mismatches.
+    """
 
     # KA choices handed to AllUKAN; variants override single entries.
     ka_kwargs: dict = {"spline_grad": "free", "share": "layer", "grid_size": 5, "grid_range": (-3.0, 3.0),

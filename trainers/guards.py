@@ -1,0 +1,83 @@
+"""Trainer mixins that make long runs fail loudly instead of silently (stock nnU-Net keeps training on NaN)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteLossGuard:
+    """Stop training after ``max_consecutive_nonfinite`` non-finite training losses in a row.
+
+    Raising from ``train_step`` leaves the loop before nnU-Net's end-of-epoch checkpointing, so the last
+    checkpoint on disk is the last good one; nothing is written over it.
+    """
+
+    max_consecutive_nonfinite = 5
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._iteration_in_epoch = 0
+        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        self._iteration_in_epoch = getattr(self, "_iteration_in_epoch", 0) + 1
+        if np.all(np.isfinite(result["loss"])):
+            self._nonfinite_in_a_row = 0
+            return result
+        self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
+        self.print_to_log_file(f"WARNING: non-finite training loss {result['loss']} at epoch {self.current_epoch}, "
+                               f"iteration {self._iteration_in_epoch - 1} ({self._nonfinite_in_a_row} in a row)")
+        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite:
+            message = (f"Training stopped: the loss was NaN/Inf for {self._nonfinite_in_a_row} iterations in a row "
+                       f"(epoch {self.current_epoch}, iteration {self._iteration_in_epoch - 1}). Nothing was saved "
+                       f"after the last good checkpoint in {self.output_folder}; check the input data and "
+                       f"intensities, or lower the learning rate, then continue with --c.")
+            self.print_to_log_file(message)
+            raise NonFiniteLossError(message)
+        return result
+
+
+class CheckpointMismatchMessage:
+    """Say *what* differs when a checkpoint does not fit the network built from the current plans."""
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        except RuntimeError as e:
+            if "state_dict" not in str(e):
+                raise
+            checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+                torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+            raise RuntimeError(describe_state_dict_mismatch(checkpoint, self.network, self.label_manager)) from e
+
+
+def describe_state_dict_mismatch(checkpoint: dict, network: torch.nn.Module, label_manager) -> str:
+    def strip(k):
+        return k.removeprefix("module.").removeprefix("_orig_mod.")
+
+    saved = {strip(k): tuple(v.shape) for k, v in checkpoint["network_weights"].items()}
+    current = {strip(k): tuple(v.shape) for k, v in network.state_dict().items()}
+    reasons = []
+    head_keys = [k for k in current if "seg_layers" in k and k.endswith("weight")]
+    if head_keys and head_keys[-1] in saved and saved[head_keys[-1]][0] != current[head_keys[-1]][0]:
+        reasons.append(f"the checkpoint predicts {saved[head_keys[-1]][0]} output channels but the dataset's labels "
+                       f"need {label_manager.num_segmentation_heads} (different label count or region setup)")
+    missing = sorted(set(current) - set(saved))
+    extra = sorted(set(saved) - set(current))
+    if missing or extra:
+        reasons.append(f"the network architecture differs (plans/trainer): {len(missing)} layers missing from the "
+                       f"checkpoint (e.g. {missing[:2]}), {len(extra)} unexpected (e.g. {extra[:2]})")
+    shape_diff = [k for k in current if k in saved and saved[k] != current[k]]
+    if shape_diff and not reasons:
+        reasons.append(f"layer shapes differ (different plans: features, kernel sizes or KA settings such as "
+                       f"share/grid_size), e.g. {shape_diff[0]}: checkpoint {saved[shape_diff[0]]} vs "
+                       f"network {current[shape_diff[0]]}")
+    checkpoint_cfg = checkpoint.get("init_args", {}).get("configuration")
+    return ("The checkpoint does not fit the network built from the current plans: " + "; ".join(reasons or
+            ["state_dict mismatch"]) + f". Checkpoint trainer: {checkpoint.get('trainer_name')}, configuration: "
+            f"{checkpoint_cfg}.")
