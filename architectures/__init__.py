@@ -1,4 +1,6 @@
 """Networks built from nnU-Net plans configurations. Importable as ``nnunetv2_allukan.architectures``."""
 from .allukan import AllUKAN, KAConvBlock, TokenKABlock, count_parameters
+from .comparators import KANConvTransposeByStride, StackedKAN, TokenBlock, UKAN
 
-__all__ = ["AllUKAN", "KAConvBlock", "TokenKABlock", "count_parameters"]
+__all__ = ["AllUKAN", "KAConvBlock", "TokenKABlock", "count_parameters", "UKAN", "StackedKAN",
+           "KANConvTransposeByStride", "TokenBlock"]

@@ -8,6 +8,7 @@
   crossval      run and compare cross-validations of several trainers (tables, CSV, JSON, box plot)
   make-dataset  write a real-data nnU-Net raw dataset from files inside installed PyPI packages
   plot-activations  PNG of every KA layer's learned activation, from an nnU-Net checkpoint
+  profile       params, FLOPs, activation memory, step time: AllUKAN vs PlainConvUNet, UKAN, StackedKAN
   bench-layers  the layer benchmark
 """
 from __future__ import annotations
@@ -21,6 +22,12 @@ import sys
 EXT_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nnunet_ext_trainers")
 FORGOT_VARIABLE_HINT = ('nnU-Net finds the ALL U-KAN trainers only with: export nnUNet_extTrainer="$(nnunetv2-allukan '
                         'ext-path)"  (or use "nnunetv2-allukan train ..." / "nnunetv2-allukan add-plans ...")')
+
+
+def nnunet_executable(name: str) -> str:
+    """An nnU-Net console script from this environment, also when its bin folder is not on PATH."""
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.exists(candidate) else name
 
 
 class UserError(Exception):
@@ -195,6 +202,11 @@ def _crossval(args) -> int:
         raise UserError(str(e)) from None
 
 
+def _profile(args) -> int:
+    from . import profiler
+    return profiler.main(args.rest)
+
+
 def _bench_layers(args) -> int:
     from . import bench_layers
     bench_layers.main(args.rest)
@@ -246,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output", help="PNG path (default: activations.png next to the checkpoint)")
     p.add_argument("--max-channels", type=int, default=4, help="channels overlaid for share='channel'")
     p.set_defaults(func=_plot_activations)
+    p = sub.add_parser("profile", help="AllUKAN vs comparators (see nnunetv2-allukan profile -h)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_profile)
     p = sub.add_parser("bench-layers", help="layer benchmark (see python -m nnunetv2_allukan.bench_layers -h)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -254,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers, "demo": _demo,
-                "crossval": _crossval}
+                "crossval": _crossval, "profile": _profile}
 
 
 def main(argv=None) -> int:

@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                         help="further nnUNetv2_train arguments (last on the line), e.g. --train-args --npz")
     args = parser.parse_args(argv)
 
-    from .cli import _dataset_name, _require_env, with_ext_trainer_path
+    from .cli import _dataset_name, _require_env, nnunet_executable, with_ext_trainer_path
 
     results_root = _require_env("nnUNet_results")
     name = _dataset_name(args.dataset)
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                 print(prefix + " ".join(cmd))
                 continue
             print(f"[crossval] $ {' '.join(cmd)}", flush=True)
-            result = subprocess.run(cmd, env=env)
+            result = subprocess.run([nnunet_executable(cmd[0]), *cmd[1:]], env=env)
             if result.returncode != 0:
                 print(f"[crossval] {' '.join(cmd)} failed with exit code {result.returncode}; continuing, the fold "
                       f"will be listed as missing", file=sys.stderr, flush=True)

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 TRAINER = "nnUNetTrainerAllUKAN"
@@ -27,15 +26,11 @@ def log(msg: str):
     print(f"[allukan demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _bin(name: str) -> str:
-    candidate = os.path.join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else name
-
-
 def _run(cmd: list[str], env: dict, quiet: bool = False):
     log("$ " + " ".join(cmd))
     out = subprocess.DEVNULL if quiet else None
-    result = subprocess.run([_bin(cmd[0]), *cmd[1:]], env=env, stdout=out)
+    from .cli import nnunet_executable
+    result = subprocess.run([nnunet_executable(cmd[0]), *cmd[1:]], env=env, stdout=out)
     if result.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed with exit code {result.returncode}")
 
@@ -88,8 +83,8 @@ def _foreground_dice(summary: dict) -> dict:
     return {"per_class": per_class, "foreground_mean": float(summary["foreground_mean"]["Dice"])}
 
 
-def run_demo(workdir: str = "allukan_demo", epochs: int = 15, iterations: int = 25, val_iterations: int = 5,
-             device: str = "cpu", downsample: int = 2, fold: int = 2, dataset_id: int = 501,
+def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 25, val_iterations: int = 5,
+             device: str = "cpu", downsample: int = 3, fold: int = 2, dataset_id: int = 501,
              compare: bool = False, overwrite_dataset: bool = False) -> dict:
     from .datasets import make_icbm152_2d, slab_splits, write_splits
 
@@ -238,11 +233,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nnunetv2-allukan demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="allukan_demo", help="work folder (default ./allukan_demo)")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--val-iterations", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
-    parser.add_argument("--downsample", type=int, default=2, help="in-plane downsampling (2 -> 2 mm slices)")
+    parser.add_argument("--downsample", type=int, default=3,
+                        help="in-plane downsampling (default 3 -> 3 mm slices, sized for a 2-core CPU)")
     parser.add_argument("--fold", type=int, default=2, choices=range(5),
                         help="slab fold to train/hold out (default 2: the middle slab, typical axial slices)")
     parser.add_argument("--dataset-id", type=int, default=501)

@@ -2,6 +2,8 @@
 
 nnU-Net finds them through ``export nnUNet_extTrainer="$(nnunetv2-allukan ext-path)"``.
 """
+from .comparators import (nnUNetTrainerStackedKAN, nnUNetTrainerStackedKAN_smokeTest, nnUNetTrainerUKAN,
+                          nnUNetTrainerUKAN_smokeTest)
 from .nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_AdamCosine
 from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epochs, nnUNetTrainerAllUKAN_50epochs,
                        nnUNetTrainerAllUKAN_100epochs, nnUNetTrainerAllUKAN_exactGrad,
@@ -11,6 +13,8 @@ from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epoc
 TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
                  "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
                  "nnUNetTrainerAllUKAN_5epochs", "nnUNetTrainerAllUKAN_10epochs", "nnUNetTrainerAllUKAN_50epochs",
-                 "nnUNetTrainerAllUKAN_100epochs", "nnUNetTrainerAllUKAN_smokeTest"]
+                 "nnUNetTrainerAllUKAN_100epochs", "nnUNetTrainerAllUKAN_smokeTest",
+                 "nnUNetTrainerUKAN", "nnUNetTrainerStackedKAN", "nnUNetTrainerUKAN_smokeTest",
+                 "nnUNetTrainerStackedKAN_smokeTest"]
 
 __all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

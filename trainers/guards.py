@@ -63,7 +63,7 @@ def describe_state_dict_mismatch(checkpoint: dict, network: torch.nn.Module, lab
     saved = {strip(k): tuple(v.shape) for k, v in checkpoint["network_weights"].items()}
     current = {strip(k): tuple(v.shape) for k, v in network.state_dict().items()}
     reasons = []
-    head_keys = [k for k in current if "seg_layers" in k and k.endswith("weight")]
+    head_keys = [k for k in current if "seg_layers" in k and k.endswith(".weight") and ".activation." not in k]
     if head_keys and head_keys[-1] in saved and saved[head_keys[-1]][0] != current[head_keys[-1]][0]:
         reasons.append(f"the checkpoint predicts {saved[head_keys[-1]][0]} output channels but the dataset's labels "
                        f"need {label_manager.num_segmentation_heads} (different label count or region setup)")
