@@ -9,6 +9,7 @@
   make-dataset  write a real-data nnU-Net raw dataset from files inside installed PyPI packages
   plot-activations  PNG of every KA layer's learned activation, from an nnU-Net checkpoint
   profile       params, FLOPs, activation memory, step time: AllUKAN vs PlainConvUNet, UKAN, StackedKAN
+  gradfid       cosine similarity of Grad-Free Spline vs exact gradients, per layer (JSON + PNG)
   bench-layers  the layer benchmark
 """
 from __future__ import annotations
@@ -202,6 +203,11 @@ def _crossval(args) -> int:
         raise UserError(str(e)) from None
 
 
+def _gradfid(args) -> int:
+    from . import gradfid
+    return gradfid.main(args.rest)
+
+
 def _profile(args) -> int:
     from . import profiler
     return profiler.main(args.rest)
@@ -258,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output", help="PNG path (default: activations.png next to the checkpoint)")
     p.add_argument("--max-channels", type=int, default=4, help="channels overlaid for share='channel'")
     p.set_defaults(func=_plot_activations)
+    p = sub.add_parser("gradfid", help="cosine similarity of Grad-Free vs exact gradients (see gradfid -h)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_gradfid)
     p = sub.add_parser("profile", help="AllUKAN vs comparators (see nnunetv2-allukan profile -h)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_profile)
@@ -269,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers, "demo": _demo,
-                "crossval": _crossval, "profile": _profile}
+                "crossval": _crossval, "profile": _profile, "gradfid": _gradfid}
 
 
 def main(argv=None) -> int:

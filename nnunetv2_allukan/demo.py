@@ -70,7 +70,7 @@ def train_in_process(trainer_name: str, dataset_name: str, fold: int, epochs: in
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = val_iterations
-    if device == "cpu":
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     log(f"{trainer_name}: training {epochs} epochs x {iterations} iterations on {device}")
     trainer.run_training()

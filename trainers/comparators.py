@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-
-from .nnUNetTrainerAllUKAN import allukan_arch_kwargs, nnUNetTrainerAllUKAN
+from .nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
+from .variants import SMOKE_TEST_BUDGET, with_budget
 
 UKAN_CLASS_NAME = "nnunetv2_allukan.architectures.comparators.UKAN"
 STACKED_KAN_CLASS_NAME = "nnunetv2_allukan.architectures.comparators.StackedKAN"
@@ -26,19 +24,6 @@ class _ComparatorTrainer(nnUNetTrainerAllUKAN):
     network_class_name: str
     ka_kwargs = COMPARATOR_KWARGS
 
-    @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
-        return get_network_from_plans(
-            cls.network_class_name,
-            allukan_arch_kwargs(configuration_manager.network_arch_init_kwargs, cls.ka_kwargs),
-            configuration_manager.network_arch_init_kwargs_req_import,
-            num_input_channels,
-            num_output_channels,
-            allow_init=True,
-            deep_supervision=enable_deep_supervision)
-
 
 class nnUNetTrainerUKAN(_ComparatorTrainer):
     """Partial KA (U-KAN on nnU-Net plans): CNN stages, per-edge KANLinear in the two deepest tokenised stages."""
@@ -51,20 +36,9 @@ class nnUNetTrainerStackedKAN(_ComparatorTrainer):
 
 
 def _smoke_test(trainer: type) -> type:
-    class _Trainer(trainer):
-        __doc__ = f"{trainer.__name__} for tests and smoke runs only: 1 epoch of 2 training, 1 validation iterations."
-
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
-            # nnU-Net records __init__'s named arguments from locals(): keep the explicit signature.
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = 1
-            self.num_iterations_per_epoch = 2
-            self.num_val_iterations_per_epoch = 1
-
-    _Trainer.__name__ = _Trainer.__qualname__ = f"{trainer.__name__}_smokeTest"
-    _Trainer.__module__ = __name__
-    return _Trainer
+    return with_budget(trainer, f"{trainer.__name__}_smokeTest",
+                       f"{trainer.__name__} for tests and smoke runs only: 1 epoch of 2 iterations.", __name__,
+                       **SMOKE_TEST_BUDGET)
 
 
 nnUNetTrainerUKAN_smokeTest = _smoke_test(nnUNetTrainerUKAN)

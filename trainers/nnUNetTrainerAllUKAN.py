@@ -81,7 +81,8 @@ class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, nnUNet
     Unlike stock nnU-Net it stops on repeated non-finite losses and explains checkpoint/plans mismatches.
     """
 
-    # KA choices handed to AllUKAN; variants override single entries.
+    # The network built from the plans, and the KA choices handed to it; variants override single entries.
+    network_class_name = ALLUKAN_CLASS_NAME
     ka_kwargs: dict = {"spline_grad": "free", "share": "layer", "grid_size": 5, "grid_range": (-3.0, 3.0),
                        "token_stages": 2, "skip_mode": "concat"}
 
@@ -90,7 +91,7 @@ class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, nnUNet
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
         return get_network_from_plans(
-            ALLUKAN_CLASS_NAME,
+            cls.network_class_name,
             allukan_arch_kwargs(configuration_manager.network_arch_init_kwargs, cls.ka_kwargs),
             configuration_manager.network_arch_init_kwargs_req_import,
             num_input_channels,

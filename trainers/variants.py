@@ -21,34 +21,31 @@ class nnUNetTrainerAllUKAN_skipAdd(nnUNetTrainerAllUKAN):
     ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "skip_mode": "add"}
 
 
+def with_budget(base: type, name: str, doc: str, module: str = __name__, **budget) -> type:
+    """A subclass of ``base`` that sets training-budget attributes (num_epochs, ...) after nnU-Net's __init__."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # nnU-Net records __init__'s named arguments from locals(): keep the explicit signature.
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        for key, value in budget.items():
+            setattr(self, key, value)
+
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": module, "__qualname__": name})
+
+
 def _with_epochs(n_epochs: int) -> type:
-    class _Trainer(nnUNetTrainerAllUKAN):
-        __doc__ = f"nnUNetTrainerAllUKAN for {n_epochs} epochs (the poly schedule follows the shorter run)."
+    return with_budget(nnUNetTrainerAllUKAN, f"nnUNetTrainerAllUKAN_{n_epochs}epochs",
+                       f"nnUNetTrainerAllUKAN for {n_epochs} epochs (the poly schedule follows the shorter run).",
+                       num_epochs=n_epochs)
 
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
-            # nnU-Net records __init__'s named arguments from locals(): keep the explicit signature.
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = n_epochs
 
-    _Trainer.__name__ = _Trainer.__qualname__ = f"nnUNetTrainerAllUKAN_{n_epochs}epochs"
-    _Trainer.__module__ = __name__
-    return _Trainer
-
+SMOKE_TEST_BUDGET = dict(num_epochs=1, num_iterations_per_epoch=2, num_val_iterations_per_epoch=1)
 
 nnUNetTrainerAllUKAN_5epochs = _with_epochs(5)
 nnUNetTrainerAllUKAN_10epochs = _with_epochs(10)
 nnUNetTrainerAllUKAN_50epochs = _with_epochs(50)
 nnUNetTrainerAllUKAN_100epochs = _with_epochs(100)
-
-
-class nnUNetTrainerAllUKAN_smokeTest(nnUNetTrainerAllUKAN):
-    """For tests and smoke runs only: 1 epoch of 2 training and 1 validation iterations."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        # nnU-Net records __init__'s named arguments from locals(): keep the explicit signature.
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
+nnUNetTrainerAllUKAN_smokeTest = with_budget(
+    nnUNetTrainerAllUKAN, "nnUNetTrainerAllUKAN_smokeTest",
+    "For tests and smoke runs only: 1 epoch of 2 training and 1 validation iterations.", **SMOKE_TEST_BUDGET)
