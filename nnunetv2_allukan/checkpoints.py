@@ -52,7 +52,7 @@ def load_network(path: str):
     n_in = determine_num_input_channels(plans_manager, cm, init["dataset_json"])
     n_out = plans_manager.get_label_manager(init["dataset_json"]).num_segmentation_heads
     network = trainer_class(trainer_name).build_network_architecture(plans_manager, cm, n_in, n_out, False)
-    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v
+    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v
                for k, v in checkpoint["network_weights"].items()}
     network.load_state_dict(weights)
     network.eval()

@@ -221,3 +221,18 @@ def test_compiled_allukan_matches_eager():
         torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
     for g, ge in zip(grads, eager_grads):
         torch.testing.assert_close(g, ge, atol=1e-4, rtol=1e-3)
+
+
+def test_trainer_compiles_on_cuda_only_when_asked(monkeypatch):
+    """No GPU here: check the decision and its log line on a bare trainer object."""
+    trainer = object.__new__(nnUNetTrainerAllUKAN)
+    logged = []
+    trainer.print_to_log_file = lambda *msg, **kw: logged.append(" ".join(map(str, msg)))
+    trainer.device = torch.device("cuda", 0)
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    assert trainer._do_i_compile() is False and trainer._do_i_compile() is False
+    assert len(logged) == 1 and "nnUNet_compile=1" in logged[0]
+    monkeypatch.setenv("nnUNet_compile", "1")
+    assert trainer._do_i_compile() is True  # nnU-Net's own rule once the user asks
+    trainer.device = torch.device("cpu")
+    assert trainer._do_i_compile() is False  # nnU-Net never compiles on the CPU

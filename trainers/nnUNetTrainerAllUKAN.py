@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from .guards import CheckpointMismatchMessage, NonFiniteLossGuard
+from .guards import CheckpointMismatchMessage, CompileOnlyWhenAsked, NonFiniteLossGuard
 
 ALLUKAN_CLASS_NAME = "nnunetv2_allukan.architectures.AllUKAN"
 
@@ -75,10 +75,11 @@ def split_spline_parameters(network: torch.nn.Module):
     return spline, other
 
 
-class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, nnUNetTrainer):
+class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, CompileOnlyWhenAsked, nnUNetTrainer):
     """ALL U-KAN with the Grad-Free Spline, one spline per layer, nnU-Net's SGD + poly schedule.
 
-    Unlike stock nnU-Net it stops on repeated non-finite losses and explains checkpoint/plans mismatches.
+    Unlike stock nnU-Net it stops on repeated non-finite losses, explains checkpoint/plans mismatches and compiles
+    on CUDA only when nnUNet_compile=1 is set (logged).
     """
 
     # The network built from the plans, and the KA choices handed to it; variants override single entries.
