@@ -17,7 +17,8 @@ from dynamic_network_architectures.building_blocks.helper import (convert_conv_o
                                                                   maybe_convert_scalar_to_list)
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-from nnunetv2_allukan.activation import SHARE_MODES, SPLINE_GRAD_MODES, SharedSplineActivation
+from nnunetv2_allukan.activation import SHARE_MODES, SPLINE_GRAD_MODES
+from nnunetv2_allukan.spline import validate_grid
 from nnunetv2_allukan.layers import KA_CONV_FOR, KA_CONV_TRANSPOSE_FOR, KALinear
 
 SKIP_MODES = ("concat", "add")
@@ -34,9 +35,8 @@ def validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, 
     if isinstance(token_stages, bool) or not isinstance(token_stages, int) or not 0 <= token_stages <= n_stages:
         raise ValueError(f"AllUKAN: token_stages must be an integer in [0, n_stages={n_stages}], "
                          f"got {token_stages!r}")
-    # Grid checks live in SharedSplineActivation; build one to raise its message with our prefix.
     try:
-        SharedSplineActivation(grid_size=grid_size, grid_range=grid_range)
+        validate_grid(grid_size, grid_range)
     except ValueError as e:
         raise ValueError(f"AllUKAN: {e}") from None
 

@@ -26,6 +26,7 @@ from dynamic_network_architectures.building_blocks.helper import (convert_conv_o
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
+from nnunetv2_allukan.spline import validate_grid
 from nnunetv2_allukan.reference import KANConv2d, KANConv3d, KANLinear
 
 from .allukan import SKIP_MODES, AllUKANDecoder, AllUKANEncoder, _locate, _per_stage
@@ -153,14 +154,10 @@ class TokenBlock(nn.Module):
 
 
 def _kan_kwargs(network_name: str, grid_size, grid_range) -> dict:
-    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-        raise ValueError(f"{network_name}: grid_size must be an integer >= 1, got {grid_size!r}")
     try:
-        lo, hi = (float(v) for v in grid_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"{network_name}: grid_range must be a pair (lo, hi), got {grid_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"{network_name}: grid_range must satisfy lo < hi (both finite), got {grid_range!r}")
+        lo, hi = validate_grid(grid_size, grid_range)
+    except ValueError as e:
+        raise ValueError(f"{network_name}: {e}") from None
     return {"grid_size": grid_size, "grid_range": (lo, hi)}
 
 

@@ -12,8 +12,6 @@ that of a plain pointwise nonlinearity.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -118,14 +116,7 @@ class SharedSplineActivation(nn.Module):
             raise ValueError(f"spline_grad={spline_grad!r} is not supported; allowed values: {SPLINE_GRAD_MODES}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"impl={impl!r} is not supported; allowed values: {IMPLEMENTATIONS}")
-        if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be an integer >= 1, got {grid_size!r}")
-        try:
-            lo, hi = (float(v) for v in grid_range)
-        except (TypeError, ValueError):
-            raise ValueError(f"grid_range must be a pair (lo, hi) of numbers, got {grid_range!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"grid_range must satisfy lo < hi (both finite), got {grid_range!r}")
+        lo, hi = spline.validate_grid(grid_size, grid_range)
         if share == "channel":
             if num_channels is None or int(num_channels) < 1:
                 raise ValueError("share='channel' needs num_channels (the number of input channels), "

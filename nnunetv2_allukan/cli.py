@@ -286,14 +286,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASS_THROUGH:
         # argparse would try to interpret options such as -i meant for nnU-Net: hand them over untouched.
-        from .checkpoints import CheckpointError
-        from .datasets import DatasetError
-        try:
-            return PASS_THROUGH[argv[0]](argparse.Namespace(command=argv[0], rest=argv[1:]))
-        except (UserError, DatasetError, CheckpointError) as e:
-            print(f"nnunetv2-allukan {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASS_THROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     from .checkpoints import CheckpointError
     from .datasets import DatasetError
     try:

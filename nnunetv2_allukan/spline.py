@@ -18,6 +18,8 @@ Two evaluation strategies exist because they win in different regimes:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 SPLINE_ORDER = 3
@@ -31,6 +33,19 @@ _PIECE_POLYNOMIALS = (
     (1.0, 3.0, 3.0, -3.0),
     (0.0, 0.0, 0.0, 1.0),
 )
+
+
+def validate_grid(grid_size, grid_range) -> tuple[float, float]:
+    """Check a spline grid and return ``(lo, hi)`` as floats; ValueError names the bad argument."""
+    if isinstance(grid_size, bool) or not isinstance(grid_size, int) or grid_size < 1:
+        raise ValueError(f"grid_size must be an integer >= 1, got {grid_size!r}")
+    try:
+        lo, hi = (float(v) for v in grid_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid_range must be a pair (lo, hi) of numbers, got {grid_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"grid_range must satisfy lo < hi (both finite), got {grid_range!r}")
+    return lo, hi
 
 
 def num_bases(grid_size: int) -> int:
