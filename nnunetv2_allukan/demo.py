@@ -6,8 +6,10 @@ Steps (each visible as it runs, each skipped when its output is already there, s
 2. ``nnUNetv2_plan_and_preprocess`` and a contiguous-slab ``splits_final.json``;
 3. train nnUNetTrainerAllUKAN (and with ``--compare`` nnU-Net's own CNN and, when installed, UKAN) with the same
    CPU-sized budget through nnU-Net's own training loop;
-4. ``nnUNetv2_predict`` on the held-out slab and on the cross-template set, ``nnUNetv2_evaluate_folder``;
-5. a report folder: summary.json, report.md, example overlays, learned activations, nnU-Net's progress.png.
+4. held-out slab Dice from nnU-Net's own validation of each fold; ``nnUNetv2_predict`` (the ensemble of the
+   trained folds) and ``nnUNetv2_evaluate_folder`` on the cross-template set;
+5. a report folder: summary.json, report.md, example overlays, learned activations, nnU-Net's progress.png, and
+   with several ``--folds`` a cross-validation table with paired Wilcoxon tests (``crossval/``).
 """
 from __future__ import annotations
 
@@ -83,12 +85,33 @@ def _foreground_dice(summary: dict) -> dict:
     return {"per_class": per_class, "foreground_mean": float(summary["foreground_mean"]["Dice"])}
 
 
+def _mean_over_folds(per_fold: dict) -> dict:
+    """Mean (and sample std) of each Dice over folds; the per-fold values are kept next to them."""
+    import statistics
+
+    def std(values):
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    records = list(per_fold.values())
+    by_class = {c: [r["per_class"][c] for r in records] for c in sorted(records[0]["per_class"], key=int)}
+    foreground = [r["foreground_mean"] for r in records]
+    return {"per_class": {c: statistics.fmean(v) for c, v in by_class.items()},
+            "per_class_std": {c: std(v) for c, v in by_class.items()},
+            "foreground_mean": statistics.fmean(foreground), "foreground_mean_std": std(foreground),
+            "per_fold": {str(f): r["foreground_mean"] for f, r in per_fold.items()}}
+
+
+def _folds_tag(folds) -> str:
+    return "fold_" + "_".join(str(f) for f in folds)
+
+
 def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 25, val_iterations: int = 5,
-             device: str = "cpu", downsample: int = 3, fold: int = 2, dataset_id: int = 501,
+             device: str = "cpu", downsample: int = 3, folds=(2,), dataset_id: int = 501,
              compare: bool = False, overwrite_dataset: bool = False) -> dict:
     from .datasets import make_icbm152_2d, slab_splits, write_splits
 
     started = time.time()
+    folds = sorted(set(int(f) for f in folds))
     workdir = os.path.abspath(workdir)
     env = setup_environment(workdir, device)
     log(f"work folder {workdir}")
@@ -110,49 +133,68 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
              plan_env)
     splits = slab_splits(info["cases"])
     write_splits(pre, splits)
-    heldout = splits[fold]["val"]
-    log(f"contiguous slab folds written; fold {fold} holds out {heldout[0]} .. {heldout[-1]}")
+    for fold in folds:
+        heldout = splits[fold]["val"]
+        log(f"contiguous slab folds written; fold {fold} holds out {heldout[0]} .. {heldout[-1]}")
 
     trainers = [TRAINER] + ([c for c in COMPARATORS if _trainer_available(c)] if compare else [])
     if compare and "nnUNetTrainerUKAN" not in trainers:
         log("UKAN comparator not available in this version: comparing with nnU-Net's CNN only")
-    log(f"step 3/5: training {', '.join(trainers)}")
-    folds = {}
-    for trainer in trainers:
-        folds[trainer] = train_in_process(trainer, name, fold, epochs, iterations, val_iterations, device)
-
-    log("step 4/5: nnUNetv2_predict and nnUNetv2_evaluate_folder")
-    raw = info["folder"]
-    test_sets = {"heldout_slab": (heldout, "imagesTr", "labelsTr")}
-    if info["test_cases"]:
-        test_sets["cross_template"] = (info["test_cases"], "imagesTs", "labelsTs")
-    results = {}
-    for set_name, (cases, img_dir, lab_dir) in test_sets.items():
-        inputs = os.path.join(workdir, "inputs", set_name)
-        labels = os.path.join(workdir, "inputs", set_name + "_labels")
-        _link_cases(cases, os.path.join(raw, img_dir), inputs, "_0000.nii.gz")
-        _link_cases(cases, os.path.join(raw, lab_dir), labels, ".nii.gz")
+    log(f"step 3/5: training {', '.join(trainers)} on fold(s) {folds}")
+    fold_folders = {t: {} for t in trainers}
+    # Fold by fold, so that an interrupted comparison still has every trainer on the finished folds.
+    for fold in folds:
         for trainer in trainers:
-            out = os.path.join(workdir, "predictions", trainer, set_name)
+            fold_folders[trainer][fold] = train_in_process(trainer, name, fold, epochs, iterations,
+                                                           val_iterations, device)
+
+    log("step 4/5: held-out slabs from nnU-Net's own fold validation; nnUNetv2_predict + nnUNetv2_evaluate_folder "
+        "on the cross-template set" + (f" (ensemble of folds {folds})" if len(folds) > 1 else ""))
+    results = {}
+    for trainer in trainers:
+        per_fold = {}
+        for fold, folder in fold_folders[trainer].items():
+            with open(os.path.join(folder, "validation", "summary.json")) as f:
+                per_fold[fold] = _foreground_dice(json.load(f))
+        results[trainer] = {"heldout_slab": _mean_over_folds(per_fold)}
+    if info["test_cases"]:
+        raw = info["folder"]
+        inputs = os.path.join(workdir, "inputs", "cross_template")
+        labels = os.path.join(workdir, "inputs", "cross_template_labels")
+        _link_cases(info["test_cases"], os.path.join(raw, "imagesTs"), inputs, "_0000.nii.gz")
+        _link_cases(info["test_cases"], os.path.join(raw, "labelsTs"), labels, ".nii.gz")
+        for trainer in trainers:
+            out = cross_template_folder(workdir, trainer, folds)
             summary_file = os.path.join(out, "summary.json")
             if not os.path.isfile(summary_file):
                 _run(["nnUNetv2_predict", "-i", inputs, "-o", out, "-d", str(dataset_id), "-c", CONFIGURATION,
-                      "-f", str(fold), "-tr", trainer, "-device", device, "-npp", "0", "-nps", "0",
+                      "-f", *[str(f) for f in folds], "-tr", trainer, "-device", device, "-npp", "0", "-nps", "0",
                       "--disable_progress_bar"], env, quiet=True)
                 _run(["nnUNetv2_evaluate_folder", labels, out, "-djfile", os.path.join(out, "dataset.json"),
                       "-pfile", os.path.join(out, "plans.json"), "-np", "1"], env, quiet=True)
             with open(summary_file) as f:
-                results.setdefault(trainer, {})[set_name] = _foreground_dice(json.load(f))
+                results[trainer]["cross_template"] = _foreground_dice(json.load(f))
 
     log("step 5/5: report")
     report_dir = os.path.join(workdir, "report")
-    summary = write_report(report_dir, results, folds, info, fold, epochs, iterations, device,
+    if len(folds) > 1:
+        from . import crossval
+        collected = crossval.collect(env["nnUNet_results"], name, trainers, "nnUNetPlans", CONFIGURATION, folds)
+        cv_summary = crossval.summarise(collected, TRAINER)
+        for path in crossval.write_outputs(os.path.join(report_dir, "crossval"), cv_summary, collected):
+            log(f"wrote {path}")
+    summary = write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device,
                            time.time() - started)
     print()
     print(summary["table"])
     print()
     log(f"report: {report_dir} (report.md, summary.json, PNGs); total {summary['seconds']:.0f} s")
     return summary
+
+
+def cross_template_folder(workdir: str, trainer: str, folds) -> str:
+    """One prediction folder per set of folds, so a rerun with other folds never reuses a stale ensemble."""
+    return os.path.join(workdir, "predictions", trainer, "cross_template", _folds_tag(folds))
 
 
 def _has_package(name: str) -> bool:
@@ -182,47 +224,66 @@ def _read_slice(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(path))[0]
 
 
-def write_report(report_dir, results, folds, info, fold, epochs, iterations, device, seconds) -> dict:
+def write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device, seconds) -> dict:
     from .checkpoints import load_network
     from .datasets import TISSUE_LABELS
     from .plots import plot_activations, plot_examples
 
     os.makedirs(report_dir, exist_ok=True)
     class_names = {str(v): k for k, v in TISSUE_LABELS.items() if v}
+    multi = len(folds) > 1
+
+    def cell(d, key, std_key):
+        value = f"{d[key]:.3f}"
+        return value + (f" ± {d[std_key]:.3f}" if multi and std_key in d else "")
+
     lines = ["| trainer | test set | " + " | ".join(f"Dice {n}" for n in class_names.values()) + " | mean |",
              "|---|---|" + "---|" * (len(class_names) + 1)]
     for trainer, sets in results.items():
         for set_name, d in sets.items():
-            cells = " | ".join(f"{d['per_class'][k]:.3f}" for k in class_names)
-            lines.append(f"| {trainer} | {set_name} | {cells} | {d['foreground_mean']:.3f} |")
+            cells = " | ".join(
+                f"{d['per_class'][k]:.3f}" + (f" ± {d['per_class_std'][k]:.3f}" if multi and "per_class_std" in d
+                                              else "") for k in class_names)
+            lines.append(f"| {trainer} | {set_name} | {cells} | {cell(d, 'foreground_mean', 'foreground_mean_std')} |")
     table = "\n".join(lines)
-    summary = {"dataset": info["name"], "fold": fold, "epochs": epochs, "iterations_per_epoch": iterations,
+    summary = {"dataset": info["name"], "folds": folds, "epochs": epochs, "iterations_per_epoch": iterations,
                "device": device, "seconds": seconds, "dice": results, "labels": class_names, "table": table}
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
-    network, _ = load_network(folds[TRAINER])
+    first = fold_folders[TRAINER][folds[0]]
+    network, _ = load_network(first)
     plot_activations(network, os.path.join(report_dir, "activations.png"))
-    shutil.copy2(os.path.join(folds[TRAINER], "progress.png"), os.path.join(report_dir, "progress.png"))
-    examples = []
+    shutil.copy2(os.path.join(first, "progress.png"), os.path.join(report_dir, "progress.png"))
     workdir = os.path.dirname(report_dir)
-    for set_name in results[TRAINER]:
-        inputs = os.path.join(workdir, "inputs", set_name)
-        cases = sorted(c.removesuffix("_0000.nii.gz") for c in os.listdir(inputs))
+    raw = info["folder"]
+    heldout = sorted(f.removesuffix(".nii.gz") for f in os.listdir(os.path.join(first, "validation"))
+                     if f.endswith(".nii.gz"))
+    sources = {"heldout_slab": (heldout, os.path.join(raw, "imagesTr"), os.path.join(raw, "labelsTr"),
+                                os.path.join(first, "validation"))}
+    if "cross_template" in results[TRAINER]:
+        sources["cross_template"] = (sorted(info["test_cases"]), os.path.join(raw, "imagesTs"),
+                                     os.path.join(raw, "labelsTs"), cross_template_folder(workdir, TRAINER, folds))
+    examples = []
+    for set_name, (cases, images, labels, predictions) in sources.items():
         case = cases[len(cases) // 2]
         examples.append({
             "title": f"{set_name} {case}",
-            "image": _read_slice(os.path.join(inputs, case + "_0000.nii.gz")),
-            "gt": _read_slice(os.path.join(workdir, "inputs", set_name + "_labels", case + ".nii.gz")),
-            "pred": _read_slice(os.path.join(workdir, "predictions", TRAINER, set_name, case + ".nii.gz")),
+            "image": _read_slice(os.path.join(images, case + "_0000.nii.gz")),
+            "gt": _read_slice(os.path.join(labels, case + ".nii.gz")),
+            "pred": _read_slice(os.path.join(predictions, case + ".nii.gz")),
         })
     plot_examples(examples, os.path.join(report_dir, "examples.png"), len(class_names) + 1)
+    fold_text = (f"Fold {folds[0]} of contiguous slab cross-validation" if not multi else
+                 f"Folds {folds} of contiguous slab cross-validation (held-out: mean ± std over folds; "
+                 f"cross-template: nnU-Net's ensemble of these folds; per-fold table and Wilcoxon tests in "
+                 f"crossval/crossval.md)")
     with open(os.path.join(report_dir, "report.md"), "w") as f:
         f.write(f"# ALL U-KAN demo: {info['name']}\n\n"
-                f"Fold {fold} of contiguous slab cross-validation, {epochs} epochs x {iterations} iterations on "
-                f"{device}, {seconds / 60:.1f} min in total. Held-out slab: validation slices of fold {fold} "
-                f"(never trained on, with a gap to the training slabs); cross-template: the CAT12 template, an "
-                f"independently made brain.\n\n{table}\n\n"
+                f"{fold_text}, {epochs} epochs x {iterations} iterations on {device}, {seconds / 60:.1f} min in "
+                f"total. Held-out slab: nnU-Net's own validation of each fold (slices never trained on, with a gap "
+                f"to the training slabs); cross-template: the CAT12 template, an independently made brain, "
+                f"predicted with nnUNetv2_predict.\n\n{table}\n\n"
                 "![examples](examples.png)\n\n![activations](activations.png)\n\n![progress](progress.png)\n")
     return summary
 
@@ -239,8 +300,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
     parser.add_argument("--downsample", type=int, default=3,
                         help="in-plane downsampling (default 3 -> 3 mm slices, sized for a 2-core CPU)")
-    parser.add_argument("--fold", type=int, default=2, choices=range(5),
-                        help="slab fold to train/hold out (default 2: the middle slab, typical axial slices)")
+    parser.add_argument("--folds", type=int, nargs="+", default=[2], choices=range(5), metavar="FOLD",
+                        help="slab fold(s) to train/hold out (default 2: the middle slab, typical axial slices); "
+                             "several folds give a slab cross-validation report with per-fold Wilcoxon tests")
     parser.add_argument("--dataset-id", type=int, default=501)
     parser.add_argument("--compare", action="store_true",
                         help="also train nnU-Net's CNN (nnUNetTrainer) and UKAN with the same budget")
@@ -248,5 +310,5 @@ def main(argv=None) -> int:
                         help="rebuild the demo dataset if one with other settings exists")
     args = parser.parse_args(argv)
     run_demo(args.workdir, args.epochs, args.iterations, args.val_iterations, args.device, args.downsample,
-             args.fold, args.dataset_id, args.compare, args.overwrite_dataset)
+             args.folds, args.dataset_id, args.compare, args.overwrite_dataset)
     return 0

@@ -59,9 +59,10 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path):
     bad = run(["nnunetv2-allukan", "demo", "--workdir", str(work), "--epochs", "1"], env, expect_ok=False)
     assert bad.returncode == 2 and "Dataset501_Other" in bad.stderr and (other / "keep.txt").read_text() == "mine"
     run(["nnunetv2-allukan", "demo", "--workdir", str(work), "--dataset-id", "502", "--epochs", "1",
-         "--iterations", "2", "--val-iterations", "1", "--downsample", "4"], env)
+         "--iterations", "2", "--val-iterations", "1", "--downsample", "4", "--folds", "0", "3"], env)
     report = work / "report"
-    for name in ("summary.json", "report.md", "examples.png", "activations.png", "progress.png"):
+    for name in ("summary.json", "report.md", "examples.png", "activations.png", "progress.png",
+                 "crossval/crossval.md", "crossval/crossval_folds.csv", "crossval/crossval_boxplot.png"):
         assert (report / name).is_file(), name
     summary = json.load(open(report / "summary.json"))
     dice = summary["dice"]["nnUNetTrainerAllUKAN"]
@@ -69,3 +70,12 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path):
     for test_set in dice.values():
         assert set(test_set["per_class"]) == {"1", "2"}
         assert 0.0 <= test_set["foreground_mean"] <= 1.0
+    # held-out = mean over the two folds of nnU-Net's own validation summaries
+    results = work / "nnUNet_results" / "Dataset502_ICBM152Tissue2D" / "nnUNetTrainerAllUKAN__nnUNetPlans__2d"
+    per_fold = [json.load(open(results / f"fold_{f}" / "validation" / "summary.json"))["foreground_mean"]["Dice"]
+                for f in (0, 3)]
+    assert dice["heldout_slab"]["foreground_mean"] == pytest.approx(sum(per_fold) / 2)
+    # cross-template: nnU-Net's ensemble of both folds, evaluated by nnU-Net
+    ensemble = work / "predictions" / "nnUNetTrainerAllUKAN" / "cross_template" / "fold_0_3"
+    assert dice["cross_template"]["foreground_mean"] == pytest.approx(
+        json.load(open(ensemble / "summary.json"))["foreground_mean"]["Dice"])
