@@ -145,7 +145,7 @@ class AllUKAN(nn.Module):
                  deep_supervision: bool = False, nonlin_first: bool = False, *,
                  spline_grad: str = "free", share: str = "layer", grid_size: int = 5,
                  grid_range: Sequence[float] = (-3.0, 3.0), token_stages: int = 2, skip_mode: str = "concat",
-                 impl: str = "auto"):
+                 impl: str = "function"):
         super().__init__()
         conv_op = _locate(conv_op)
         norm_op = _locate(norm_op) if norm_op is not None else get_matching_instancenorm(conv_op)

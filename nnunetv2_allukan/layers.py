@@ -4,19 +4,98 @@ Each KA layer subclasses the torch layer it replaces and applies a SharedSplineA
 first: y = layer(phi(x)). Subclassing keeps ``.weight``, ``.bias``, ``in_channels``, ``stride`` and friends,
 the torch parameter initialisation and ``output_size`` handling of transposed convolutions; the padding a
 convolution adds is applied to phi(x), exactly as in the unfold formulation of a KAN convolution.
+
+In eager mode phi and the linear map run as one autograd node (``_KAFunction``) that keeps only ``x`` for
+backward and recomputes phi(x) there: run as two ops, autograd would also keep phi(x) for the weight gradient,
+one extra activation-sized tensor per layer, and the network would need ~1.5x the activation memory of a CNN
+(conv + norm + in-place LeakyReLU keep two tensors per block; so does KAonv + norm when fused).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+import torch.nn.functional as F
 
-from .activation import SharedSplineActivation
+from .activation import SharedSplineActivation, SplineEvaluation
+
+
+def _op_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype torch would run the conv/linear in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class ConvSpec(NamedTuple):
+    """Arguments of aten.convolution, for both directions of a (transposed) convolution."""
+    stride: list
+    padding: list
+    dilation: list
+    transposed: bool
+    output_padding: list
+    groups: int
+
+    def forward(self, phi, weight, bias):
+        return torch.ops.aten.convolution(phi, weight, bias, self.stride, self.padding, self.dilation,
+                                          self.transposed, self.output_padding, self.groups)
+
+    def backward(self, grad_out, phi, weight, has_bias, mask):
+        return torch.ops.aten.convolution_backward(
+            grad_out, phi, weight, [grad_out.shape[1]] if has_bias else None, self.stride, self.padding,
+            self.dilation, self.transposed, self.output_padding, self.groups, mask)
+
+
+class LinearSpec(NamedTuple):
+    def forward(self, phi, weight, bias):
+        return F.linear(phi, weight, bias)
+
+    def backward(self, grad_out, phi, weight, has_bias, mask):
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_phi = grad_out @ weight if mask[0] else None
+        grad_weight = rows.t() @ phi.reshape(-1, phi.shape[-1]) if mask[1] else None
+        grad_bias = rows.sum(0) if has_bias and mask[2] else None
+        return grad_phi, grad_weight, grad_bias
+
+
+class _KAFunction(torch.autograd.Function):
+    """y = op(phi(x)) with only x (and the parameters) saved; phi(x) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, table, base_weight, weight, bias, spline_config, op, dtype):
+        phi = SplineEvaluation(x, table, base_weight, spline_config).values().to(dtype)
+        out = op.forward(phi, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, table, base_weight, weight)
+        ctx.spline_config, ctx.op, ctx.dtype, ctx.has_bias = spline_config, op, dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, table, base_weight, weight = ctx.saved_tensors
+        need_x, need_table, need_wb, need_weight, need_bias = ctx.needs_input_grad[:5]
+        need_phi = need_x or need_table or need_wb
+        evaluation = SplineEvaluation(x, table, base_weight, ctx.spline_config)
+        phi = evaluation.values().to(ctx.dtype)
+        grad_phi, grad_weight, grad_bias = ctx.op.backward(grad_out.to(ctx.dtype), phi, weight.to(ctx.dtype),
+                                                           ctx.has_bias, [need_phi, need_weight, need_bias])
+        del phi
+        grads = evaluation.gradients(grad_phi, need_x, need_table, need_wb) if need_phi else (None, None, None)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
+        return (*grads, grad_weight, grad_bias, None, None, None)
 
 
 class KAModule:
-    """Marker base of every KA layer; ``.activation`` is its SharedSplineActivation."""
+    """Marker base of every KA layer; ``.activation`` is its SharedSplineActivation.
+
+    ``fuse_activation`` (default True) runs phi and the layer's linear map as one memory-saving autograd node
+    whenever the activation uses its custom Function (eager mode); set it to False to run them as two ops,
+    e.g. to swap the activation's forward for an experiment.
+    """
 
     activation: SharedSplineActivation
+    fuse_activation: bool = True
 
     def _init_activation(self, num_channels: int, channel_dim: int, spline_kwargs: dict):
         if "num_channels" in spline_kwargs or "channel_dim" in spline_kwargs:
@@ -24,6 +103,15 @@ class KAModule:
                              "do not pass them")
         self.activation = SharedSplineActivation(num_channels=num_channels, channel_dim=channel_dim,
                                                  **spline_kwargs)
+
+    def _use_fused(self) -> bool:
+        return self.fuse_activation and self.activation.uses_function()
+
+    def _fused(self, x: torch.Tensor, op) -> torch.Tensor:
+        dtype = _op_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            table, base_weight, spline_config = self.activation.function_inputs(x)
+            return _KAFunction.apply(x, table, base_weight, self.weight, self.bias, spline_config, op, dtype)
 
 
 class KALinear(KAModule, nn.Linear):
@@ -35,6 +123,8 @@ class KALinear(KAModule, nn.Linear):
         self._init_activation(in_features, -1, spline_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_fused():
+            return self._fused(x, LinearSpec())
         return super().forward(self.activation(x))
 
 
@@ -47,6 +137,11 @@ def _ka_conv(torch_conv: type, name: str) -> type:
         self._init_activation(in_channels, 1, spline_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # String paddings ("same") and non-zero padding modes stay with torch's own conv forward.
+        if self._use_fused() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            spec = ConvSpec(list(self.stride), list(self.padding), list(self.dilation), False,
+                            [0] * len(self.stride), self.groups)
+            return self._fused(x, spec)
         return torch_conv.forward(self, self.activation(x))
 
     doc = f"y = {torch_conv.__name__}(phi(x)); arguments as in torch, plus SharedSplineActivation keywords."
@@ -63,6 +158,13 @@ def _ka_conv_transpose(torch_conv: type, name: str) -> type:
         self._init_activation(in_channels, 1, spline_kwargs)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if self._use_fused():
+            n_spatial = len(self.kernel_size)
+            output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
+                                                  n_spatial, self.dilation)
+            spec = ConvSpec(list(self.stride), list(self.padding), list(self.dilation), True, list(output_padding),
+                            self.groups)
+            return self._fused(x, spec)
         return torch_conv.forward(self, self.activation(x), output_size)
 
     doc = f"y = {torch_conv.__name__}(phi(x)); arguments as in torch, plus SharedSplineActivation keywords."

@@ -26,9 +26,9 @@ Rows (``--rows``):
   dense       AllUKAN, exact gradient by plain autograd through the dense B-spline basis (no recompute)
   dense-ckpt  ``dense`` with torch.utils.checkpoint around every encoder and decoder stage
   exact-ckpt  ``exact`` with torch.utils.checkpoint around every encoder and decoder stage
-  free-layer-ckpt  ``free`` with torch.utils.checkpoint around every KA layer: only each layer's input is kept;
-              the non-reentrant checkpoint stops recomputing once phi(x) is back, so the conv is not run twice
-              (the FLOPs equal ``free``'s). This is what a KAonv that recomputes phi(x) in backward would save.
+  free-unfused  ``free`` with phi and the conv as two autograd ops (``fuse_activation = False``): phi(x) is kept
+              for the conv's weight gradient, one more activation-sized tensor per KA layer than the fused
+              layers (``free``), which recompute phi(x) in backward
   ukan        UKAN (partial KA: CNN stages, per-edge KANLinear in the tokenised stages)
   stacked     StackedKAN (per-edge KAN everywhere, the "directly deeply stacked KAN")
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import gc
 import inspect
 import json
@@ -84,7 +83,7 @@ class Variant:
     overrides: dict = field(default_factory=dict)   # constructor keywords on top of the plans
     dense_basis: bool = False
     checkpoint_stages: bool = False
-    checkpoint_ka_layers: bool = False
+    unfused: bool = False
 
 
 VARIANTS = [
@@ -101,9 +100,9 @@ VARIANTS = [
     Variant("exact-ckpt", "AllUKAN exact + checkpoint", ALLUKAN,
             "exact (recompute), torch.utils.checkpoint per stage", {"spline_grad": "exact"},
             checkpoint_stages=True),
-    Variant("free-layer-ckpt", "AllUKAN free + layer checkpoint", ALLUKAN,
-            "Grad-Free, torch.utils.checkpoint per KA layer (phi(x) recomputed)", {"spline_grad": "free"},
-            checkpoint_ka_layers=True),
+    Variant("free-unfused", "AllUKAN free, unfused", ALLUKAN,
+            "Grad-Free, phi(x) and the conv as two autograd ops (phi(x) kept)", {"spline_grad": "free"},
+            unfused=True),
     Variant("ukan", "UKAN", UKAN, "partial KA: CNN stages, per-edge KANLinear in tokenised stages"),
     Variant("stacked", "StackedKAN", STACKED_KAN, "per-edge KAN everywhere (directly stacked KAN)"),
 ]
@@ -282,8 +281,8 @@ def build_network(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None =
         use_dense_basis(network)
     if variant.checkpoint_stages:
         checkpoint_every_stage(network)
-    if variant.checkpoint_ka_layers:
-        checkpoint_every_ka_layer(network)
+    if variant.unfused:
+        unfuse_ka_layers(network)
     return network
 
 
@@ -322,6 +321,7 @@ def _dense_basis_forward(self: SharedSplineActivation, x: torch.Tensor) -> torch
 
 def use_dense_basis(network: nn.Module) -> int:
     """Make every shared spline activation differentiate through the dense basis; returns how many changed."""
+    unfuse_ka_layers(network)  # the fused layers would not call the activation's (patched) forward
     changed = 0
     for module in network.modules():
         if isinstance(module, SharedSplineActivation):
@@ -353,26 +353,16 @@ def checkpoint_every_stage(network: nn.Module) -> int:
     return wrapped
 
 
-def _checkpointed_call(forward, *args, **kwargs):
-    if torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
-
-
-def checkpoint_every_ka_layer(network: nn.Module) -> int:
-    """Run every KA layer under torch.utils.checkpoint, so that phi(x) is not kept for the conv's backward.
-
-    The non-reentrant checkpoint stops its recomputation as soon as the tensors backward asks for exist again:
-    phi(x), before the convolution, so only the cheap spline is recomputed.
-    """
+def unfuse_ka_layers(network: nn.Module) -> int:
+    """Run phi and the linear map of every KA layer as two autograd ops; returns how many layers changed."""
     from .layers import KAModule
 
-    wrapped = 0
+    changed = 0
     for module in network.modules():
         if isinstance(module, KAModule):
-            module.forward = functools.partial(_checkpointed_call, module.forward)
-            wrapped += 1
-    return wrapped
+            module.fuse_activation = False
+            changed += 1
+    return changed
 
 
 # ----------------------------------------------------------------------------------------------------------------

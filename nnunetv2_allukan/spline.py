@@ -7,14 +7,14 @@ Conventions (DESIGN.md §2): ``G`` intervals on ``[lo, hi]``, spline order 3, ``
 B-spline centred at ``u = j - 1`` (support ``[j - 3, j + 1]``), so every basis vanishes outside the
 extended grid ``[lo - 3h, hi + 3h]``.
 
-Two evaluation strategies exist because they win in different regimes:
+Two evaluation strategies:
 
 * the *interval table* (``spline_table``): for interval ``i = floor(u)`` the spline is one cubic
-  polynomial in ``t = u - i``. Four ``take``s and Horner beat evaluating ``nb`` bases per value in
-  eager mode, where every elementwise op is a pass over memory;
-* the *on-the-fly sum* (``spline_on_the_fly``): ``sum_j c_j B_j(u)`` with no indexing at all, which
-  ``torch.compile`` fuses into one kernel, and whose coefficient gradient becomes ``nb`` fused
-  reductions instead of a scatter.
+  polynomial in ``t = u - i``. Four ``take``s and Horner beat evaluating ``nb`` bases per value (every
+  elementwise op is a pass over memory), and under ``torch.compile`` it is ~20 ops per layer instead of
+  ~300. The KA layers' custom autograd Functions use it;
+* the *on-the-fly sum* (``spline_on_the_fly``): ``sum_j c_j B_j(u)`` with no indexing at all, differentiable
+  by plain autograd: the ``impl="plain"`` activation, and the independent reference in the tests.
 """
 from __future__ import annotations
 

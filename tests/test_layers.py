@@ -11,12 +11,15 @@ from nnunetv2_allukan import (KALinear, KAModule, KAonv1d, KAonv2d, KAonv3d, KAo
 
 
 def phi(layer, x):
-    """The layer's own activation, evaluated through the plain-ops path (independent of the custom Function)."""
+    """The layer's own activation through the plain-ops path (independent of the custom Functions).
+
+    It shares the layer's coefficient and base-weight Parameters, so gradients through it reach them.
+    """
     act = layer.activation
     plain = SharedSplineActivation(num_channels=act.num_channels, grid_size=act.grid_size,
-                                   grid_range=act.grid_range, share=act.share, channel_dim=act.channel_dim,
-                                   impl="plain")
-    plain.load_state_dict(act.state_dict())
+                                   grid_range=act.grid_range, share=act.share, spline_grad=act.spline_grad,
+                                   channel_dim=act.channel_dim, impl="plain")
+    plain.coef, plain.base_weight = act.coef, act.base_weight
     return plain(x)
 
 
@@ -172,3 +175,94 @@ def test_compiled_stack_matches_eager(spline_grad):
     torch.testing.assert_close(out, eager_out, atol=1e-4, rtol=1e-4)
     for g, ge in zip(grads, eager_grads):
         torch.testing.assert_close(g, ge, atol=1e-4, rtol=1e-3)
+
+
+# (layer factory, input shape, the torch functional op applied to phi(x) as the reference)
+FUSED_CASES = {
+    "conv2d": (lambda **k: KAonv2d(4, 6, 3, stride=2, padding=1, groups=2, **k), (2, 4, 9, 8),
+               lambda l, p: F.conv2d(p, l.weight, l.bias, l.stride, l.padding, l.dilation, l.groups)),
+    "conv3d_nobias": (lambda **k: KAonv3d(4, 4, 3, padding=(0, 1, 1), dilation=(1, 2, 1), bias=False, **k),
+                      (1, 4, 5, 7, 6),
+                      lambda l, p: F.conv3d(p, l.weight, None, l.stride, l.padding, l.dilation, l.groups)),
+    "conv1d_depthwise": (lambda **k: KAonv1d(4, 4, 5, padding=2, groups=4, **k), (3, 4, 11),
+                         lambda l, p: F.conv1d(p, l.weight, l.bias, l.stride, l.padding, l.dilation, l.groups)),
+    "transpose2d": (lambda **k: KAonvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, **k),
+                    (2, 4, 5, 6),
+                    lambda l, p: F.conv_transpose2d(p, l.weight, l.bias, l.stride, l.padding, l.output_padding,
+                                                    l.groups, l.dilation)),
+    "transpose3d": (lambda **k: KAonvTranspose3d(4, 3, 2, stride=2, **k), (1, 4, 3, 4, 2),
+                    lambda l, p: F.conv_transpose3d(p, l.weight, l.bias, l.stride, l.padding, l.output_padding,
+                                                    l.groups, l.dilation)),
+    "linear": (lambda **k: KALinear(6, 5, **k), (2, 7, 6), lambda l, p: F.linear(p, l.weight, l.bias)),
+}
+
+
+def _fused_and_reference_gradients(case, dtype=torch.float32, **spline_kwargs):
+    make, shape, functional = FUSED_CASES[case]
+    torch.manual_seed(0)
+    layer = make(init_scale=0.5, **spline_kwargs).to(dtype)
+    x = (torch.randn(shape, dtype=dtype) * 2).requires_grad_()
+    params = [x, *layer.parameters()]
+    out = layer(x)
+    upstream = torch.randn_like(out)
+    fused = torch.autograd.grad(out, params, upstream)
+    reference_out = functional(layer, phi(layer, x))
+    reference = torch.autograd.grad(reference_out, params, upstream)
+    return out, reference_out, fused, reference
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+@pytest.mark.parametrize("spline_grad", ["free", "exact"])
+@pytest.mark.parametrize("share", ["layer", "channel"])
+def test_fused_layer_gradients_match_torch_op_of_plain_phi(case, spline_grad, share):
+    """x, weight, bias, coefficients and base weight, against torch's own op autograd through plain-ops phi."""
+    out, reference_out, fused, reference = _fused_and_reference_gradients(case, spline_grad=spline_grad,
+                                                                          share=share)
+    torch.testing.assert_close(out, reference_out, atol=1e-5, rtol=1e-5)
+    for g, r in zip(fused, reference):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["conv2d", "transpose2d", "linear"])
+def test_fused_layer_exact_gradcheck(case):
+    make, shape, _ = FUSED_CASES[case]
+    layer = make(spline_grad="exact", share="channel", init_scale=0.5).double()
+    x = (torch.randn(shape, dtype=torch.float64) * 2).requires_grad_()
+    # gradcheck perturbs x and every parameter; the spline is C2, so finite differences are smooth.
+    params = list(layer.parameters())
+
+    def fn(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(layer, dict(zip(
+                [n for n, _ in layer.named_parameters()], ps))):
+            return layer(x)
+
+    assert torch.autograd.gradcheck(fn, (x, *[p.detach().clone().requires_grad_() for p in params]))
+
+
+@pytest.mark.parametrize("case", ["conv2d", "transpose3d", "linear"])
+def test_fused_layer_keeps_only_its_input(case):
+    from nnunetv2_allukan.memory import saved_tensor_bytes
+    make, shape, _ = FUSED_CASES[case]
+    layer = make()
+    x = torch.randn(shape, requires_grad=True)
+    x_bytes = x.numel() * x.element_size()
+    saved, _ = saved_tensor_bytes(lambda: layer(x), exclude=layer.parameters())
+    assert saved <= x_bytes + 4096
+    layer.fuse_activation = False  # control: phi(x) then the torch op keeps phi(x) as well
+    saved_unfused, _ = saved_tensor_bytes(lambda: layer(x), exclude=layer.parameters())
+    assert saved_unfused >= 1.9 * x_bytes
+
+
+def test_fused_layer_under_bf16_autocast_follows_torch_dtype_rules():
+    layer = KAonv2d(4, 6, 3, padding=1, spline_grad="exact")
+    x = torch.randn(2, 4, 12, 12, requires_grad=True)
+    ref = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight, layer.activation.coef])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected_dtype = F.conv2d(x, layer.weight).dtype
+    assert y.dtype == expected_dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), [x, layer.weight, layer.activation.coef])
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    for g, r in zip(grads, ref):
+        assert torch.isfinite(g).all()
+        assert (g - r).norm() < 0.05 * r.norm()
