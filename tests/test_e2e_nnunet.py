@@ -159,3 +159,25 @@ def test_discovery_with_wheel_install(wheel_install, tmp_path):
     env["nnUNet_extTrainer"] = path
     proc = run([sys.executable, "-c", RESOLVE_ALL, str(wheel_install), *TRAINER_NAMES], env, cwd=tmp_path)
     assert f"RESOLVED {len(TRAINER_NAMES)}" in proc.stdout
+
+
+@pytest.mark.parametrize("trainer,network_class", [("nnUNetTrainerUKAN_smokeTest", "UKAN"),
+                                                   ("nnUNetTrainerStackedKAN_smokeTest", "StackedKAN")])
+def test_comparator_trainers_train_and_predict(nnunet, tmp_path, trainer, network_class):
+    """The comparators run the same nnU-Net pipeline: train (with deep supervision), validate, predict."""
+    env = nnunet["env"]
+    run(["nnunetv2-allukan", "train", D2, "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = results_folder(nnunet, "Dataset990_KATest2D", trainer, "2d")
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["init_args"]["plans"]["configurations"]["2d"]["architecture"]["network_class_name"] \
+        .endswith("PlainConvUNet")  # the stock plans: the trainer alone picks the network
+    from nnunetv2_allukan.checkpoints import load_network
+    network, _ = load_network(str(fold))
+    assert type(network).__name__ == network_class
+    raw = Path(env["nnUNet_raw"]) / "Dataset990_KATest2D"
+    out = tmp_path / "pred"
+    run(["nnunetv2-allukan", "predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", D2, "-c", "2d",
+         "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "0", "-nps", "0"], env)
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (raw / "labelsTs").glob("*.png"))

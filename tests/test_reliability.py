@@ -108,6 +108,42 @@ def test_one_ddp_step_equals_a_single_process_step_on_the_whole_batch(tmp_path):
         torch.testing.assert_close(ddp_state[k], v, atol=1e-5, rtol=1e-4)
 
 
+def _guard_worker(rank, world, init_file, out_dir):
+    """A stand-in trainer whose loss is NaN on rank 0 only, guarded by NonFiniteLossGuard under DDP."""
+    import torch.distributed as dist
+    from nnunetv2_allukan.trainers.guards import NonFiniteLossGuard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+    class LocalLoss:
+        def train_step(self, batch):
+            return {"loss": np.array(float("nan") if rank == 0 else 0.5)}
+
+    class Guarded(NonFiniteLossGuard, LocalLoss):
+        is_ddp, device, current_epoch, output_folder = True, torch.device("cpu"), 3, str(out_dir)
+
+        def print_to_log_file(self, *args, **kwargs):
+            pass
+
+    trainer = Guarded()
+    outcome = "kept training"
+    for i in range(2 * Guarded.max_consecutive_nonfinite):
+        try:
+            trainer.train_step({})
+        except NonFiniteLossError:
+            outcome = f"stopped at iteration {i}"
+            break
+    (Path(out_dir) / f"rank{rank}.txt").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_non_finite_loss_on_one_ddp_rank_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_guard_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    stop = f"stopped at iteration {nnUNetTrainerAllUKAN.max_consecutive_nonfinite - 1}"
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [stop, stop]
+
+
 def _trainer(nnunet, cls=nnUNetTrainerAllUKAN, dataset_json_edit=None, plans_edit=None):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     pre = Path(nnunet["env"]["nnUNet_preprocessed"]) / "Dataset990_KATest2D"

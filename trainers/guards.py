@@ -15,7 +15,9 @@ class NonFiniteLossGuard:
     """Stop training after ``max_consecutive_nonfinite`` non-finite training losses in a row.
 
     Raising from ``train_step`` leaves the loop before nnU-Net's end-of-epoch checkpointing, so the last
-    checkpoint on disk is the last good one; nothing is written over it.
+    checkpoint on disk is the last good one; nothing is written over it. Under DDP (``-num_gpus N``) the ranks
+    agree on every iteration (one tiny all-reduce): a non-finite loss on any rank has already spoilt everyone's
+    averaged gradients, and a rank that stopped alone would leave the others waiting in the next all-reduce.
     """
 
     max_consecutive_nonfinite = 5
@@ -28,7 +30,7 @@ class NonFiniteLossGuard:
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
         self._iteration_in_epoch = getattr(self, "_iteration_in_epoch", 0) + 1
-        if np.all(np.isfinite(result["loss"])):
+        if self._finite_on_every_rank(bool(np.all(np.isfinite(result["loss"])))):
             self._nonfinite_in_a_row = 0
             return result
         self._nonfinite_in_a_row = getattr(self, "_nonfinite_in_a_row", 0) + 1
@@ -43,10 +45,18 @@ class NonFiniteLossGuard:
             raise NonFiniteLossError(message)
         return result
 
+    def _finite_on_every_rank(self, finite: bool) -> bool:
+        if not (getattr(self, "is_ddp", False) and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)  # NCCL needs a CUDA tensor
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
+
 
 class CompileOnlyWhenAsked:
-    """nnU-Net compiles by default on CUDA. Compiling ALL U-KAN is verified here only on the CPU (layer stacks with
-    inductor, the whole network with aot_eager), never on a GPU, so it stays off unless ``nnUNet_compile=1``."""
+    """nnU-Net compiles by default on CUDA. Compiling ALL U-KAN is verified here only on the CPU (the whole network
+    with inductor and aot_eager, against eager), never on a GPU, so it stays off unless ``nnUNet_compile=1``."""
 
     def _do_i_compile(self):
         if "nnUNet_compile" not in os.environ and self.device.type == "cuda":
