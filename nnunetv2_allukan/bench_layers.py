@@ -33,6 +33,8 @@ def _median_step_seconds(module: nn.Module, x: torch.Tensor, repeats: int, warmu
         module.zero_grad(set_to_none=True)
         x.grad = None
         module(x).sum().backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
 
     for _ in range(warmup):
         step()
@@ -44,9 +46,10 @@ def _median_step_seconds(module: nn.Module, x: torch.Tensor, repeats: int, warmu
     return statistics.median(times)
 
 
-def run(batch=16, channels=32, size=64, repeats=5, compiled=True, reference=True, reference_size=16):
+def run(batch=16, channels=32, size=64, repeats=5, compiled=True, reference=True, reference_size=16,
+        device="cpu"):
     shape = (batch, channels, size, size)
-    x = torch.randn(shape, requires_grad=True)
+    x = torch.randn(shape, device=device, requires_grad=True)
     variants: list[tuple[str, nn.Module, bool]] = [("Conv2d+GELU", ConvGELU(channels, channels), False)]
     for grad in ("free", "exact"):
         for share in ("layer", "channel"):
@@ -61,6 +64,7 @@ def run(batch=16, channels=32, size=64, repeats=5, compiled=True, reference=True
     rows = []
     baseline = {}
     for name, module, is_compiled in variants:
+        module = module.to(device)
         run_module = torch.compile(module) if is_compiled else module
         seconds = _median_step_seconds(run_module, x, repeats, warmup=2 if is_compiled else 1)
         saved, _ = saved_tensor_bytes(lambda: module(x), exclude=module.parameters())
@@ -75,10 +79,11 @@ def run(batch=16, channels=32, size=64, repeats=5, compiled=True, reference=True
     if reference:
         # The per-edge KAN is far too slow and large at the full size; measure it, and the baseline, smaller.
         small = (batch, channels, reference_size, reference_size)
-        xs = torch.randn(small, requires_grad=True)
+        xs = torch.randn(small, device=device, requires_grad=True)
         for name, module in (("Conv2d+GELU", ConvGELU(channels, channels)),
                              ("KAonv2d free/layer", KAonv2d(channels, channels, 3, padding=1)),
                              ("KANConv2d (reference)", KANConv2d(channels, channels, 3, padding=1))):
+            module = module.to(device)
             seconds = _median_step_seconds(module, xs, max(1, repeats // 2), warmup=1)
             saved, _ = saved_tensor_bytes(lambda: module(xs), exclude=module.parameters())
             if name == "Conv2d+GELU":
@@ -108,6 +113,7 @@ def main(argv=None):
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (times are synchronised on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     parser.add_argument("--no-reference", action="store_true", help="skip the per-edge KANConv2d rows")
@@ -117,7 +123,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    rows = run(args.batch, args.channels, args.size, args.repeats, not args.no_compile, not args.no_reference)
+    rows = run(args.batch, args.channels, args.size, args.repeats, not args.no_compile, not args.no_reference,
+               device=args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
