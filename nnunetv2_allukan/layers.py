@@ -5,7 +5,7 @@ first: y = layer(phi(x)). Subclassing keeps ``.weight``, ``.bias``, ``in_channel
 the torch parameter initialisation and ``output_size`` handling of transposed convolutions; the padding a
 convolution adds is applied to phi(x), exactly as in the unfold formulation of a KAN convolution.
 
-In eager mode phi and the linear map run as one autograd node (``_KAFunction``) that keeps only ``x`` for
+Phi and the linear map run as one autograd node (``_KAFunction``) that keeps only ``x`` for
 backward and recomputes phi(x) there: run as two ops, autograd would also keep phi(x) for the weight gradient,
 one extra activation-sized tensor per layer, and the network would need ~1.5x the activation memory of a CNN
 (conv + norm + in-place LeakyReLU keep two tensors per block; so does KAonv + norm when fused).
@@ -90,8 +90,8 @@ class KAModule:
     """Marker base of every KA layer; ``.activation`` is its SharedSplineActivation.
 
     ``fuse_activation`` (default True) runs phi and the layer's linear map as one memory-saving autograd node
-    whenever the activation uses its custom Function (eager mode); set it to False to run them as two ops,
-    e.g. to swap the activation's forward for an experiment.
+    whenever the activation uses its custom Function (``impl="function"``, the default, eager or compiled); set
+    it to False to run them as two ops, e.g. to swap the activation's forward for an experiment.
     """
 
     activation: SharedSplineActivation
