@@ -70,15 +70,16 @@ def bspline_basis(x: torch.Tensor, grid_size: int, grid_range: tuple[float, floa
 def spline_table(coef: torch.Tensor) -> torch.Tensor:
     """Per-interval cubic polynomials of the spline ``sum_j coef[..., j] B_j``.
 
-    ``coef`` has shape ``(C, nb)``. Returns ``(C, G + 7, 4)``: rows ``0 .. G + 5`` are the intervals
-    ``i = -3 .. G + 2`` of the extended grid, row ``G + 6`` is all zero and serves every value outside it.
+    ``coef`` has shape ``(C, nb)``. Returns ``(C, G + 8, 4)``: rows ``1 .. G + 6`` are the intervals
+    ``i = -3 .. G + 2`` of the extended grid; rows ``0`` and ``G + 7`` are all zero and serve every value below
+    and above it, so that a clamp alone finds a value's row.
     Differentiable in ``coef``: gradients reaching the table flow back to the coefficients.
     """
     pieces = torch.tensor(_PIECE_POLYNOMIALS, dtype=coef.dtype, device=coef.device) / 6.0
     padded = torch.nn.functional.pad(coef, (SPLINE_ORDER, SPLINE_ORDER))
     windows = padded.unfold(-1, SPLINE_ORDER + 1, 1)  # (C, G + 6, 4): c_i .. c_{i+3}
     table = windows @ pieces
-    return torch.nn.functional.pad(table, (0, 0, 0, 1))
+    return torch.nn.functional.pad(table, (0, 0, 1, 1))
 
 
 class IntervalLookup:
@@ -88,10 +89,8 @@ class IntervalLookup:
         u = (x - lo) * inv_h
         floor_u = torch.floor(u)
         self.t = u - floor_u
-        rows = grid_size + 7
-        # Out-of-grid values (and NaN) go to the all-zero last row; remainder maps the clamped -1 there too.
-        row = torch.nan_to_num(floor_u, nan=-4.0).clamp_(-4.0, grid_size + 3.0).add_(3.0)
-        row = torch.remainder(row, rows).long()
+        # Out-of-grid values go to the all-zero first/last row, NaN to the first.
+        row = torch.nan_to_num(floor_u, nan=-4.0).clamp_(-4.0, grid_size + 3.0).add_(4.0).long()
         if channel_offsets is not None:
             row = row + channel_offsets
         self.row = row
