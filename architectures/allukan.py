@@ -7,6 +7,7 @@ choices. ``nonlin``/``nonlin_kwargs`` are accepted and ignored: the spline activ
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -24,17 +25,63 @@ from nnunetv2_allukan.layers import KA_CONV_FOR, KA_CONV_TRANSPOSE_FOR, KALinear
 SKIP_MODES = ("concat", "add")
 
 
+@dataclass
+class PlansTopology:
+    """The plans keywords of one network, resolved to per-stage lists and torch ops."""
+
+    dim: int
+    conv_op: type
+    norm_op: type
+    norm_op_kwargs: dict
+    dropout_op: type | None
+    dropout_op_kwargs: dict
+    features: list
+    kernel_sizes: list
+    strides: list
+    n_conv: list
+    n_conv_decoder: list
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features)
+
+
+def parse_plans(network_name: str, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
+                n_conv_per_stage_decoder, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs) -> PlansTopology:
+    """Resolve a plans ``architecture`` block (PlainConvUNet's keywords); errors name ``network_name``."""
+    conv_op = _locate(conv_op, network_name)
+    if conv_op not in KA_CONV_TRANSPOSE_FOR:
+        raise ValueError(f"{network_name}: conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")
+    norm_op = _locate(norm_op, network_name) if norm_op is not None else get_matching_instancenorm(conv_op)
+    dropout_op = _locate(dropout_op, network_name) if dropout_op is not None else None
+    per_stage = {name: _per_stage(value, n, name, network_name) for name, value, n in (
+        ("features_per_stage", features_per_stage, n_stages), ("kernel_sizes", kernel_sizes, n_stages),
+        ("strides", strides, n_stages), ("n_conv_per_stage", n_conv_per_stage, n_stages),
+        ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1))}
+    return PlansTopology(
+        dim=convert_conv_op_to_dim(conv_op), conv_op=conv_op, norm_op=norm_op,
+        norm_op_kwargs=dict(norm_op_kwargs or {"eps": 1e-5, "affine": True}), dropout_op=dropout_op,
+        dropout_op_kwargs=dict(dropout_op_kwargs or {}), features=per_stage["features_per_stage"],
+        kernel_sizes=[maybe_convert_scalar_to_list(conv_op, k) for k in per_stage["kernel_sizes"]],
+        strides=[maybe_convert_scalar_to_list(conv_op, s) for s in per_stage["strides"]],
+        n_conv=per_stage["n_conv_per_stage"], n_conv_decoder=per_stage["n_conv_per_stage_decoder"])
+
+
+def validate_topology_kwargs(network_name: str, token_stages, n_stages: int, skip_mode: str):
+    if skip_mode not in SKIP_MODES:
+        raise ValueError(f"{network_name}: skip_mode={skip_mode!r} is not supported; allowed: {SKIP_MODES}")
+    if isinstance(token_stages, bool) or not isinstance(token_stages, int) or not 0 <= token_stages <= n_stages:
+        raise ValueError(f"{network_name}: token_stages must be an integer in [0, n_stages={n_stages}], "
+                         f"got {token_stages!r}")
+
+
 def validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode):
     """Fail at build time, naming the argument, before any layer is made."""
     if spline_grad not in SPLINE_GRAD_MODES:
         raise ValueError(f"AllUKAN: spline_grad={spline_grad!r} is not supported; allowed: {SPLINE_GRAD_MODES}")
     if share not in SHARE_MODES:
         raise ValueError(f"AllUKAN: share={share!r} is not supported; allowed: {SHARE_MODES}")
-    if skip_mode not in SKIP_MODES:
-        raise ValueError(f"AllUKAN: skip_mode={skip_mode!r} is not supported; allowed: {SKIP_MODES}")
-    if isinstance(token_stages, bool) or not isinstance(token_stages, int) or not 0 <= token_stages <= n_stages:
-        raise ValueError(f"AllUKAN: token_stages must be an integer in [0, n_stages={n_stages}], "
-                         f"got {token_stages!r}")
+    validate_topology_kwargs("AllUKAN", token_stages, n_stages, skip_mode)
     try:
         validate_grid(grid_size, grid_range)
     except ValueError as e:
@@ -147,21 +194,13 @@ class AllUKAN(nn.Module):
                  grid_range: Sequence[float] = (-3.0, 3.0), token_stages: int = 2, skip_mode: str = "concat",
                  impl: str = "function"):
         super().__init__()
-        conv_op = _locate(conv_op)
-        norm_op = _locate(norm_op) if norm_op is not None else get_matching_instancenorm(conv_op)
-        dropout_op = _locate(dropout_op) if dropout_op is not None else None
-        if conv_op not in KA_CONV_TRANSPOSE_FOR:
-            raise ValueError(f"AllUKAN: conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")
+        t = parse_plans("AllUKAN", n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
+                        n_conv_per_stage_decoder, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs)
         validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode)
-        dim = convert_conv_op_to_dim(conv_op)
-        features = _per_stage(features_per_stage, n_stages, "features_per_stage")
-        kernel_sizes = [maybe_convert_scalar_to_list(conv_op, k) for k in _per_stage(kernel_sizes, n_stages,
-                                                                                        "kernel_sizes")]
-        strides = [maybe_convert_scalar_to_list(conv_op, s) for s in _per_stage(strides, n_stages, "strides")]
-        n_conv = _per_stage(n_conv_per_stage, n_stages, "n_conv_per_stage")
-        n_conv_dec = _per_stage(n_conv_per_stage_decoder, n_stages - 1, "n_conv_per_stage_decoder")
-        norm_op_kwargs = dict(norm_op_kwargs or {"eps": 1e-5, "affine": True})
-        dropout_op_kwargs = dict(dropout_op_kwargs or {})
+        conv_op, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs = \
+            t.conv_op, t.norm_op, t.norm_op_kwargs, t.dropout_op, t.dropout_op_kwargs
+        dim, features, kernel_sizes, strides, n_conv, n_conv_dec = \
+            t.dim, t.features, t.kernel_sizes, t.strides, t.n_conv, t.n_conv_decoder
         spline_kwargs = dict(spline_grad=spline_grad, share=share, grid_size=grid_size,
                              grid_range=tuple(float(v) for v in grid_range), impl=impl)
         ka_conv, ka_up = KA_CONV_FOR[conv_op], KA_CONV_TRANSPOSE_FOR[conv_op]
@@ -202,22 +241,22 @@ class AllUKAN(nn.Module):
         InitWeights_He(1e-2)(module)
 
 
-def _locate(op):
+def _locate(op, network_name: str = "AllUKAN"):
     if isinstance(op, str):
         import pydoc
         located = pydoc.locate(op)
         if located is None:
-            raise ValueError(f"AllUKAN: cannot import {op!r} named in the plans")
+            raise ValueError(f"{network_name}: cannot import {op!r} named in the plans")
         return located
     return op
 
 
-def _per_stage(value, n: int, name: str) -> list:
+def _per_stage(value, n: int, name: str, network_name: str) -> list:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [value] * n
     value = list(value)
     if len(value) != n:
-        raise ValueError(f"AllUKAN: {name} has {len(value)} entries, but {n} are needed")
+        raise ValueError(f"{network_name}: {name} has {len(value)} entries, but {n} are needed")
     return value
 
 
@@ -225,4 +264,5 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["AllUKAN", "TokenKABlock", "KAConvBlock", "count_parameters", "validate_ka_kwargs", "SKIP_MODES"]
+__all__ = ["AllUKAN", "TokenKABlock", "KAConvBlock", "count_parameters", "validate_ka_kwargs", "SKIP_MODES",
+           "PlansTopology", "parse_plans", "validate_topology_kwargs"]

@@ -20,72 +20,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from dynamic_network_architectures.building_blocks.helper import (convert_conv_op_to_dim,
-                                                                  get_matching_instancenorm,
-                                                                  maybe_convert_scalar_to_list)
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
 from nnunetv2_allukan.spline import validate_grid
 from nnunetv2_allukan.reference import KANConv2d, KANConv3d, KANLinear
 
-from .allukan import SKIP_MODES, AllUKANDecoder, AllUKANEncoder, _locate, _per_stage
+from .allukan import AllUKANDecoder, AllUKANEncoder, PlansTopology, _locate, parse_plans, validate_topology_kwargs
 
 KAN_CONV_FOR = {nn.Conv2d: KANConv2d, nn.Conv3d: KANConv3d}
-
-
-@dataclass
-class PlansTopology:
-    """The plans keywords of one network, resolved to per-stage lists and torch ops."""
-
-    dim: int
-    conv_op: type
-    norm_op: type
-    norm_op_kwargs: dict
-    dropout_op: type | None
-    dropout_op_kwargs: dict
-    features: list
-    kernel_sizes: list
-    strides: list
-    n_conv: list
-    n_conv_decoder: list
-
-    @property
-    def n_stages(self) -> int:
-        return len(self.features)
-
-
-def parse_plans(network_name: str, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
-                n_conv_per_stage_decoder, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs) -> PlansTopology:
-    """Resolve a plans ``architecture`` block the way AllUKAN does; errors name ``network_name``."""
-    try:
-        conv_op = _locate(conv_op)
-        if conv_op not in KAN_CONV_FOR:
-            raise ValueError(f"AllUKAN: conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")
-        norm_op = _locate(norm_op) if norm_op is not None else get_matching_instancenorm(conv_op)
-        dropout_op = _locate(dropout_op) if dropout_op is not None else None
-        per_stage = {name: _per_stage(value, n, name) for name, value, n in (
-            ("features_per_stage", features_per_stage, n_stages), ("kernel_sizes", kernel_sizes, n_stages),
-            ("strides", strides, n_stages), ("n_conv_per_stage", n_conv_per_stage, n_stages),
-            ("n_conv_per_stage_decoder", n_conv_per_stage_decoder, n_stages - 1))}
-    except ValueError as e:
-        # The shared helpers speak for AllUKAN; the user built another network.
-        raise ValueError(str(e).replace("AllUKAN:", f"{network_name}:", 1)) from None
-    return PlansTopology(
-        dim=convert_conv_op_to_dim(conv_op), conv_op=conv_op, norm_op=norm_op,
-        norm_op_kwargs=dict(norm_op_kwargs or {"eps": 1e-5, "affine": True}), dropout_op=dropout_op,
-        dropout_op_kwargs=dict(dropout_op_kwargs or {}), features=per_stage["features_per_stage"],
-        kernel_sizes=[maybe_convert_scalar_to_list(conv_op, k) for k in per_stage["kernel_sizes"]],
-        strides=[maybe_convert_scalar_to_list(conv_op, s) for s in per_stage["strides"]],
-        n_conv=per_stage["n_conv_per_stage"], n_conv_decoder=per_stage["n_conv_per_stage_decoder"])
-
-
-def validate_topology_kwargs(network_name: str, token_stages, n_stages: int, skip_mode: str):
-    if skip_mode not in SKIP_MODES:
-        raise ValueError(f"{network_name}: skip_mode={skip_mode!r} is not supported; allowed: {SKIP_MODES}")
-    if isinstance(token_stages, bool) or not isinstance(token_stages, int) or not 0 <= token_stages <= n_stages:
-        raise ValueError(f"{network_name}: token_stages must be an integer in [0, n_stages={n_stages}], "
-                         f"got {token_stages!r}")
 
 
 @dataclass
@@ -182,7 +125,7 @@ class UKAN(nn.Module):
         kan = _kan_kwargs("UKAN", grid_size, grid_range)
         if nonlin is None:
             nonlin, nonlin_kwargs = nn.LeakyReLU, {"inplace": True}
-        nonlin, nonlin_kwargs = _locate(nonlin), dict(nonlin_kwargs or {})
+        nonlin, nonlin_kwargs = _locate(nonlin, "UKAN"), dict(nonlin_kwargs or {})
         conv_kwargs = dict(conv_bias=conv_bias, norm_op=t.norm_op, norm_op_kwargs=t.norm_op_kwargs,
                            nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, nonlin_first=nonlin_first)
         transpose_op = nn.ConvTranspose2d if t.dim == 2 else nn.ConvTranspose3d
@@ -304,5 +247,4 @@ class StackedKAN(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-__all__ = ["UKAN", "StackedKAN", "KANConvTransposeByStride", "TokenBlock", "KANConvBlock", "parse_plans",
-           "PlansTopology"]
+__all__ = ["UKAN", "StackedKAN", "KANConvTransposeByStride", "TokenBlock", "KANConvBlock"]
