@@ -85,20 +85,15 @@ def _foreground_dice(summary: dict) -> dict:
     return {"per_class": per_class, "foreground_mean": float(summary["foreground_mean"]["Dice"])}
 
 
-def _mean_over_folds(per_fold: dict) -> dict:
-    """Mean (and sample std) of each Dice over folds; the per-fold values are kept next to them."""
-    import statistics
-
-    def std(values):
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
-    records = list(per_fold.values())
-    by_class = {c: [r["per_class"][c] for r in records] for c in sorted(records[0]["per_class"], key=int)}
-    foreground = [r["foreground_mean"] for r in records]
-    return {"per_class": {c: statistics.fmean(v) for c, v in by_class.items()},
-            "per_class_std": {c: std(v) for c, v in by_class.items()},
-            "foreground_mean": statistics.fmean(foreground), "foreground_mean_std": std(foreground),
-            "per_fold": {str(f): r["foreground_mean"] for f, r in per_fold.items()}}
+def _heldout_dice(cv_summary: dict, collected: dict) -> dict:
+    """One trainer's held-out Dice (mean and std over folds) from crossval's summary of nnU-Net's fold validations."""
+    stats = cv_summary["dice"]
+    classes = [k for k in stats if k != "foreground_mean"]
+    return {"per_class": {c: stats[c]["mean"] for c in classes},
+            "per_class_std": {c: stats[c]["std"] for c in classes},
+            "foreground_mean": stats["foreground_mean"]["mean"],
+            "foreground_mean_std": stats["foreground_mean"]["std"],
+            "per_fold": {str(f): r["foreground_mean"] for f, r in collected["folds"].items()}}
 
 
 def _folds_tag(folds) -> str:
@@ -150,13 +145,10 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
 
     log("step 4/5: held-out slabs from nnU-Net's own fold validation; nnUNetv2_predict + nnUNetv2_evaluate_folder "
         "on the cross-template set" + (f" (ensemble of folds {folds})" if len(folds) > 1 else ""))
-    results = {}
-    for trainer in trainers:
-        per_fold = {}
-        for fold, folder in fold_folders[trainer].items():
-            with open(os.path.join(folder, "validation", "summary.json")) as f:
-                per_fold[fold] = _foreground_dice(json.load(f))
-        results[trainer] = {"heldout_slab": _mean_over_folds(per_fold)}
+    from . import crossval
+    collected = crossval.collect(env["nnUNet_results"], name, trainers, "nnUNetPlans", CONFIGURATION, folds)
+    cv_summary = crossval.summarise(collected, TRAINER)
+    results = {t: {"heldout_slab": _heldout_dice(cv_summary[t], collected[t])} for t in trainers}
     if info["test_cases"]:
         raw = info["folder"]
         inputs = os.path.join(workdir, "inputs", "cross_template")
@@ -178,9 +170,6 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
     log("step 5/5: report")
     report_dir = os.path.join(workdir, "report")
     if len(folds) > 1:
-        from . import crossval
-        collected = crossval.collect(env["nnUNet_results"], name, trainers, "nnUNetPlans", CONFIGURATION, folds)
-        cv_summary = crossval.summarise(collected, TRAINER)
         for path in crossval.write_outputs(os.path.join(report_dir, "crossval"), cv_summary, collected):
             log(f"wrote {path}")
     summary = write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device,
