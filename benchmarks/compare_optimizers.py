@@ -6,7 +6,7 @@ loop; the score is nnU-Net's final validation Dice of the fold (validation/summa
     python benchmarks/compare_optimizers.py --workdir /tmp/recipes --epochs 10 --iters 25
 
 Without -d it builds the real ICBM152 2D tissue dataset (nilearn wheel, in-plane downsampled by --downsample so
-a CPU can train it), plans it, and validates on contiguous slab folds (nnunetv2_allukan.datasets).
+a CPU can train it), plans it, and validates on contiguous slab folds (nnunetv2_allukan.data.templates).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def main():
         dataset = "502"
         pre = os.path.join(work, "preprocessed", "Dataset502_ICBM152Tissue2D")
         if not os.path.isfile(os.path.join(pre, "splits_final.json")):
-            from nnunetv2_allukan.datasets import make_icbm152_2d, slab_splits, write_splits
+            from nnunetv2_allukan.data.templates import make_icbm152_2d, slab_splits, write_splits
             info = make_icbm152_2d(os.environ["nnUNet_raw"], int(dataset), downsample=args.downsample)
             env = {**os.environ, "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1"}
             subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", args.configuration, "-np", "1",

@@ -160,7 +160,7 @@ def _demo(args) -> int:
 
 
 def _make_dataset(args) -> int:
-    from . import datasets
+    from .data import templates as datasets
     raw = args.raw or _require_env("nnUNet_raw")
     if args.kind == "icbm2d":
         info = datasets.make_icbm152_2d(raw, args.dataset_id or 501, downsample=args.downsample,
@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     else:
         args = build_parser().parse_args(argv)
     from .checkpoints import CheckpointError
-    from .datasets import DatasetError
+    from .data.templates import DatasetError
     try:
         return args.func(args)
     except (UserError, DatasetError, CheckpointError) as e:

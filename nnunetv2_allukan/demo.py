@@ -103,7 +103,7 @@ def _folds_tag(folds) -> str:
 def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 25, val_iterations: int = 5,
              device: str = "cpu", downsample: int = 3, folds=(2,), dataset_id: int = 501,
              compare: bool = False, overwrite_dataset: bool = False) -> dict:
-    from .datasets import make_icbm152_2d, slab_splits, write_splits
+    from .data.templates import make_icbm152_2d, slab_splits, write_splits
 
     started = time.time()
     folds = sorted(set(int(f) for f in folds))
@@ -215,7 +215,7 @@ def _read_slice(path):
 
 def write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device, seconds) -> dict:
     from .checkpoints import load_network
-    from .datasets import TISSUE_LABELS
+    from .data.templates import TISSUE_LABELS
     from .plots import plot_activations, plot_examples
 
     os.makedirs(report_dir, exist_ok=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnunetv2_allukan.synthetic_data import make_2d_dataset, make_3d_dataset
+from nnunetv2_allukan.data.synthetic import make_2d_dataset, make_3d_dataset
 
 # Two cores in CI: keep torch from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_allukan.datasets import (DatasetError, ICBM_FILES, TISSUE_LABELS, make_icbm152_2d, make_icbm152_3d,
+from nnunetv2_allukan.data.templates import (DatasetError, ICBM_FILES, TISSUE_LABELS, make_icbm152_2d, make_icbm152_3d,
                                        package_file, slab_splits)
 
 
