@@ -18,7 +18,7 @@ from dynamic_network_architectures.building_blocks.helper import (convert_conv_o
                                                                   maybe_convert_scalar_to_list)
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-from nnunetv2_allukan.activation import SHARE_MODES, SPLINE_GRAD_MODES
+from nnunetv2_allukan.activation import ACTIVATIONS, SHARE_MODES, SPLINE_GRAD_MODES, SPLINE_INITS
 from nnunetv2_allukan.spline import validate_grid
 from nnunetv2_allukan.layers import KA_CONV_FOR, KA_CONV_TRANSPOSE_FOR, KALinear
 
@@ -75,8 +75,13 @@ def validate_topology_kwargs(network_name: str, token_stages, n_stages: int, ski
                          f"got {token_stages!r}")
 
 
-def validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode):
+def validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode,
+                      activation="spline", spline_init="silu-noise"):
     """Fail at build time, naming the argument, before any layer is made."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"AllUKAN: activation={activation!r} is not supported; allowed: {ACTIVATIONS}")
+    if spline_init not in SPLINE_INITS:
+        raise ValueError(f"AllUKAN: spline_init={spline_init!r} is not supported; allowed: {SPLINE_INITS}")
     if spline_grad not in SPLINE_GRAD_MODES:
         raise ValueError(f"AllUKAN: spline_grad={spline_grad!r} is not supported; allowed: {SPLINE_GRAD_MODES}")
     if share not in SHARE_MODES:
@@ -182,7 +187,8 @@ class AllUKAN(nn.Module):
     (+kwargs), ``deep_supervision``.
     Args (KA): ``spline_grad`` ("free"|"exact"), ``share`` ("layer"|"channel"), ``grid_size``, ``grid_range``,
     ``token_stages`` (how many of the deepest resolutions carry a tokenised KA block, default 2),
-    ``skip_mode`` ("concat"|"add"), ``impl`` (see SharedSplineActivation).
+    ``skip_mode`` ("concat"|"add"), ``impl``, ``activation`` ("spline"|"fixed-silu"|"fixed-leakyrelu": the
+    frozen-activation controls) and ``spline_init`` ("silu-noise"|"leakyrelu") (see SharedSplineActivation).
     """
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage, conv_op, kernel_sizes, strides,
@@ -192,17 +198,19 @@ class AllUKAN(nn.Module):
                  deep_supervision: bool = False, nonlin_first: bool = False, *,
                  spline_grad: str = "free", share: str = "layer", grid_size: int = 5,
                  grid_range: Sequence[float] = (-3.0, 3.0), token_stages: int = 2, skip_mode: str = "concat",
-                 impl: str = "function"):
+                 impl: str = "function", activation: str = "spline", spline_init: str = "silu-noise"):
         super().__init__()
         t = parse_plans("AllUKAN", n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
                         n_conv_per_stage_decoder, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs)
-        validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode)
+        validate_ka_kwargs(spline_grad, share, grid_size, grid_range, token_stages, n_stages, skip_mode, activation,
+                           spline_init)
         conv_op, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs = \
             t.conv_op, t.norm_op, t.norm_op_kwargs, t.dropout_op, t.dropout_op_kwargs
         dim, features, kernel_sizes, strides, n_conv, n_conv_dec = \
             t.dim, t.features, t.kernel_sizes, t.strides, t.n_conv, t.n_conv_decoder
         spline_kwargs = dict(spline_grad=spline_grad, share=share, grid_size=grid_size,
-                             grid_range=tuple(float(v) for v in grid_range), impl=impl)
+                             grid_range=tuple(float(v) for v in grid_range), impl=impl, activation=activation,
+                             spline_init=spline_init)
         ka_conv, ka_up = KA_CONV_FOR[conv_op], KA_CONV_TRANSPOSE_FOR[conv_op]
         first_token_stage = n_stages - token_stages
         block = dict(norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,

@@ -1,10 +1,20 @@
 """SharedSplineActivation: the SaKAN activation with the Grad-Free Spline (DESIGN.md §2).
 
-phi(x) = w_b * silu(x) + sum_j c_j B_j(x), one coefficient vector per layer (``share="layer"``) or per
-input channel (``share="channel"``).
+phi(x) = w_b * b(x) + sum_j c_j B_j(x), one coefficient vector per layer (``share="layer"``) or per
+input channel (``share="channel"``). The base function b is silu (the KAN default) or nnU-Net's
+LeakyReLU(0.01) (``base="leakyrelu"``).
+
+What is learned (``activation``):
+* ``"spline"``: w_b and c are parameters (the KA layer proper).
+* ``"fixed-silu"`` / ``"fixed-leakyrelu"``: phi is exactly silu / leaky_relu(x, 0.01), with no parameters at
+  all. These are the accuracy controls that separate what the topology does from what learning phi does.
+
+Initialisation (``spline_init``): ``"silu-noise"`` (phi = silu + N(0, init_scale²) coefficients) or
+``"leakyrelu"`` (phi = leaky_relu(x, 0.01) exactly: base leakyrelu, w_b = 1, c = 0, so the network starts with
+the CNN's nonlinearity).
 
 Gradient modes:
-* ``"free"``  (Grad-Free Spline, the paper's): dphi/dx = w_b * silu'(x); dL/dc stays exact.
+* ``"free"``  (Grad-Free Spline, the paper's): dphi/dx = w_b * b'(x); dL/dc stays exact.
 * ``"exact"``: dphi/dx also contains sum_j c_j B_j'(x).
 
 Both modes save only ``x`` for backward and recompute the basis there, so their activation memory is
@@ -23,6 +33,11 @@ from . import spline
 SHARE_MODES = ("layer", "channel")
 SPLINE_GRAD_MODES = ("free", "exact")
 IMPLEMENTATIONS = ("function", "plain")
+BASE_FUNCTIONS = ("silu", "leakyrelu")
+ACTIVATIONS = ("spline", "fixed-silu", "fixed-leakyrelu")
+SPLINE_INITS = ("silu-noise", "leakyrelu")
+# nnU-Net's CNN uses LeakyReLU with this slope; the "leakyrelu" base function and controls match it exactly.
+LEAKY_SLOPE = 0.01
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -51,6 +66,7 @@ class SplineConfig(NamedTuple):
     grid_size: int
     channel_dim: int | None  # None: one spline for the whole layer
     exact: bool
+    base: str = "silu"
 
 
 class SplineEvaluation:
@@ -63,7 +79,7 @@ class SplineEvaluation:
     def __init__(self, x: torch.Tensor, table: torch.Tensor, base_weight: torch.Tensor, config: SplineConfig):
         self.x, self.table, self.base_weight, self.config = x, table, base_weight, config
         self.x32 = x.to(_compute_dtype(x))
-        self._lookup = self._sig = self._silu = None
+        self._lookup = self._base = self._base_slope = None
 
     @property
     def lookup(self) -> spline.IntervalLookup:
@@ -73,11 +89,18 @@ class SplineEvaluation:
                                                  _table_offsets(self.x32, self.table, c.channel_dim))
         return self._lookup
 
-    def _sigmoid_silu(self):
-        if self._sig is None:
-            self._sig = torch.sigmoid(self.x32)
-            self._silu = self.x32 * self._sig
-        return self._sig, self._silu
+    def _base_function(self):
+        """(b(x), b'(x)) of the base function, computed once per evaluation."""
+        if self._base is None:
+            if self.config.base == "leakyrelu":
+                self._base = F.leaky_relu(self.x32, LEAKY_SLOPE)
+                self._base_slope = torch.where(self.x32 > 0, 1.0, LEAKY_SLOPE).to(self.x32.dtype)
+            else:
+                sig = torch.sigmoid(self.x32)
+                self._base = self.x32 * sig
+                # silu'(x) = sig + silu * (1 - sig)
+                self._base_slope = torch.addcmul(sig, self._base, 1.0 - sig)
+        return self._base, self._base_slope
 
     def _base_weight(self) -> torch.Tensor:
         c = self.config
@@ -86,7 +109,7 @@ class SplineEvaluation:
 
     def values(self) -> torch.Tensor:
         """phi(x) in the compute dtype (fp32 for half inputs)."""
-        return torch.addcmul(spline.spline_from_table(self.lookup, self.table), self._sigmoid_silu()[1],
+        return torch.addcmul(spline.spline_from_table(self.lookup, self.table), self._base_function()[0],
                              self._base_weight())
 
     def gradients(self, grad_phi: torch.Tensor, need_x: bool, need_table: bool, need_base_weight: bool):
@@ -94,17 +117,16 @@ class SplineEvaluation:
         c = self.config
         g = grad_phi.to(self.x32.dtype)
         grad_x = grad_table = grad_wb = None
-        sig, silu = self._sigmoid_silu()
+        base, base_slope = self._base_function()
         if need_x:
-            # silu'(x) = sig + silu * (1 - sig)
-            slope = torch.addcmul(sig, silu, 1.0 - sig) * self._base_weight()
+            slope = base_slope * self._base_weight()
             if c.exact:
                 slope = slope + spline.spline_slope_from_table(self.lookup, self.table, c.inv_h)
             grad_x = (g * slope).to(self.x.dtype)
         if need_table:
             grad_table = spline.table_gradient(self.lookup, g, self.table.shape)
         if need_base_weight:
-            grad_wb = _reduce_to_channels(g * silu, c.channel_dim)
+            grad_wb = _reduce_to_channels(g * base, c.channel_dim)
         return grad_x, grad_table, grad_wb
 
 
@@ -132,12 +154,12 @@ def _table_offsets(x: torch.Tensor, table: torch.Tensor, channel_dim: int | None
 
 
 class SharedSplineActivation(nn.Module):
-    """Learnable shared univariate activation phi(x) = w_b * silu(x) + sum_j c_j B_j(x).
+    """Learnable shared univariate activation phi(x) = w_b * b(x) + sum_j c_j B_j(x).
 
     Args:
         num_channels: number of input channels; required for ``share="channel"``.
         grid_size: number of spline intervals G on ``grid_range`` (nb = G + 3 coefficients).
-        grid_range: (lo, hi). Values outside ``[lo - 3h, hi + 3h]`` see only the silu part. The default
+        grid_range: (lo, hi). Values outside ``[lo - 3h, hi + 3h]`` see only the base part. The default
             of (-3, 3) matches inputs that come from instance/layer normalisation.
         share: ``"layer"`` (one spline for the whole layer) or ``"channel"`` (one per input channel).
         spline_grad: ``"free"`` (Grad-Free Spline) or ``"exact"``.
@@ -145,19 +167,23 @@ class SharedSplineActivation(nn.Module):
         impl: ``"function"`` (custom autograd Function: keeps only x, fastest eager, and traced by
             ``torch.compile`` into a small graph) or ``"plain"`` (differentiable closed-form ops, about 15x more
             ops under compile; the independent reference in the tests).
-        init_scale: standard deviation of the initial spline coefficients; phi starts as silu + noise.
+        activation: ``"spline"`` (learnable w_b and c), ``"fixed-silu"`` or ``"fixed-leakyrelu"`` (phi is that
+            function exactly; no parameters: w_b = 1 and c = 0 are non-persistent buffers).
+        spline_init: ``"silu-noise"`` (base silu, c ~ N(0, init_scale²)) or ``"leakyrelu"`` (base
+            leaky_relu(x, 0.01), c = 0: phi starts as nnU-Net's nonlinearity exactly).
+        init_scale: standard deviation of the initial spline coefficients for ``spline_init="silu-noise"``.
     """
 
     def __init__(self, num_channels: int | None = None, grid_size: int = 5,
                  grid_range: tuple[float, float] = (-3.0, 3.0), share: str = "layer", spline_grad: str = "free",
-                 channel_dim: int = 1, impl: str = "function", init_scale: float = 0.1):
+                 channel_dim: int = 1, impl: str = "function", init_scale: float = 0.1,
+                 activation: str = "spline", spline_init: str = "silu-noise"):
         super().__init__()
-        if share not in SHARE_MODES:
-            raise ValueError(f"share={share!r} is not supported; allowed values: {SHARE_MODES}")
-        if spline_grad not in SPLINE_GRAD_MODES:
-            raise ValueError(f"spline_grad={spline_grad!r} is not supported; allowed values: {SPLINE_GRAD_MODES}")
-        if impl not in IMPLEMENTATIONS:
-            raise ValueError(f"impl={impl!r} is not supported; allowed values: {IMPLEMENTATIONS}")
+        for name, value, allowed in (("share", share, SHARE_MODES), ("spline_grad", spline_grad, SPLINE_GRAD_MODES),
+                                     ("impl", impl, IMPLEMENTATIONS), ("activation", activation, ACTIVATIONS),
+                                     ("spline_init", spline_init, SPLINE_INITS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; allowed values: {allowed}")
         lo, hi = spline.validate_grid(grid_size, grid_range)
         if share == "channel":
             if num_channels is None or int(num_channels) < 1:
@@ -173,8 +199,28 @@ class SharedSplineActivation(nn.Module):
         self.spline_grad = spline_grad
         self.channel_dim = channel_dim
         self.impl = impl
-        self.coef = nn.Parameter(torch.randn(n_splines, spline.num_bases(grid_size)) * init_scale)
-        self.base_weight = nn.Parameter(torch.ones(n_splines))
+        self.activation = activation
+        self.spline_init = spline_init
+        if activation == "spline":
+            self.base = "leakyrelu" if spline_init == "leakyrelu" else "silu"
+        else:
+            self.base = activation[len("fixed-"):]
+        if activation == "spline" and spline_init == "silu-noise":
+            coef = torch.randn(n_splines, spline.num_bases(grid_size)) * init_scale
+        else:
+            coef = torch.zeros(n_splines, spline.num_bases(grid_size))
+        base_weight = torch.ones(n_splines)
+        if activation == "spline":
+            self.coef = nn.Parameter(coef)
+            self.base_weight = nn.Parameter(base_weight)
+        else:
+            # Fixed controls: the same code path with a zero spline, but nothing to learn and nothing saved.
+            self.register_buffer("coef", coef, persistent=False)
+            self.register_buffer("base_weight", base_weight, persistent=False)
+
+    @property
+    def learnable(self) -> bool:
+        return self.activation == "spline"
 
     @property
     def inv_h(self) -> float:
@@ -183,7 +229,8 @@ class SharedSplineActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_channels={self.num_channels}, grid_size={self.grid_size}, grid_range={self.grid_range}, "
-                f"share={self.share!r}, spline_grad={self.spline_grad!r}")
+                f"share={self.share!r}, spline_grad={self.spline_grad!r}, activation={self.activation!r}, "
+                f"base={self.base!r}")
 
     def _check_input(self, x: torch.Tensor):
         if self.share == "channel":
@@ -204,7 +251,8 @@ class SharedSplineActivation(nn.Module):
         self._check_input(x)
         dtype = _compute_dtype(x)
         config = SplineConfig(self.grid_range[0], self.inv_h, self.grid_size,
-                              self.channel_dim if self.share == "channel" else None, self.spline_grad == "exact")
+                              self.channel_dim if self.share == "channel" else None, self.spline_grad == "exact",
+                              self.base)
         return spline.spline_table(self.coef.to(dtype)), self.base_weight.to(dtype), config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,8 +276,11 @@ class SharedSplineActivation(nn.Module):
             shape = _channel_shape(x32, channel_dim)
             columns = [coef[:, j].reshape(shape) for j in range(coef.shape[1])]
             wb = self.base_weight.to(x32.dtype).reshape(shape)
-        out = wb * F.silu(x32) + spline.spline_on_the_fly(u, columns)
+        out = wb * self._base_function(x32) + spline.spline_on_the_fly(u, columns)
         return out.to(x.dtype)
+
+    def _base_function(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, LEAKY_SLOPE) if self.base == "leakyrelu" else F.silu(x)
 
     @torch.no_grad()
     def curves(self, num_points: int = 200, margin: float = 0.1):
@@ -239,5 +290,5 @@ class SharedSplineActivation(nn.Module):
         xs = torch.linspace(lo - margin * (hi - lo) - 3 * h, hi + margin * (hi - lo) + 3 * h, num_points)
         basis = spline.bspline_basis(xs, self.grid_size, self.grid_range)
         spline_part = basis @ self.coef.detach().float().cpu().t()  # (P, n_splines)
-        base_part = F.silu(xs)[:, None] * self.base_weight.detach().float().cpu()[None]
+        base_part = self._base_function(xs)[:, None] * self.base_weight.detach().float().cpu()[None]
         return xs, base_part, spline_part
