@@ -154,7 +154,7 @@ def test_discovery_with_editable_install():
 def test_discovery_with_wheel_install(wheel_install, tmp_path):
     # cwd away from the checkout: "python -m/-c" put the working directory first on sys.path.
     env = _clean_env(PYTHONPATH=str(wheel_install))
-    path = run([sys.executable, "-m", "nnunetv2_allukan.cli", "ext-path"], env, cwd=tmp_path).stdout.strip()
+    path = run([sys.executable, "-m", "nnunetv2_allukan.tools.cli", "ext-path"], env, cwd=tmp_path).stdout.strip()
     assert path.startswith(str(wheel_install))
     env["nnUNet_extTrainer"] = path
     proc = run([sys.executable, "-c", RESOLVE_ALL, str(wheel_install), *TRAINER_NAMES], env, cwd=tmp_path)
@@ -173,7 +173,7 @@ def test_comparator_trainers_train_and_predict(nnunet, tmp_path, trainer, networ
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ckpt["init_args"]["plans"]["configurations"]["2d"]["architecture"]["network_class_name"] \
         .endswith("PlainConvUNet")  # the stock plans: the trainer alone picks the network
-    from nnunetv2_allukan.checkpoints import load_network
+    from nnunetv2_allukan.tools.checkpoints import load_network
     network, _ = load_network(str(fold))
     assert type(network).__name__ == network_class
     raw = Path(env["nnUNet_raw"]) / "Dataset990_KATest2D"

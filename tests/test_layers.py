@@ -270,7 +270,7 @@ def test_fused_layer_under_bf16_autocast_follows_torch_dtype_rules():
 
 def test_layer_benchmark_rows_show_the_memory_claims():
     """bench-layers at a toy size: a fused KAonv keeps half of Conv2d+GELU (x only), the per-edge KAN far more."""
-    from nnunetv2_allukan.bench_layers import markdown_table, run as bench
+    from nnunetv2_allukan.tools.bench_layers import markdown_table, run as bench
     rows = bench(batch=1, channels=4, size=32, repeats=1, compiled=False, reference=True, reference_size=6)
     eager = {r["layer"]: r for r in rows if r["mode"] == "eager" and r["input"][-1] == 32}
     assert set(eager) == {"Conv2d+GELU", "KAonv2d free/layer", "KAonv2d free/channel", "KAonv2d exact/layer",

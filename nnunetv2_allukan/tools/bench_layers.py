@@ -14,9 +14,9 @@ import time
 import torch
 from torch import nn
 
-from .layers import KAonv2d
-from .memory import saved_tensor_bytes
-from .reference import KANConv2d
+from ..layers import KAonv2d
+from ..memory import saved_tensor_bytes
+from ..reference import KANConv2d
 
 
 class ConvGELU(nn.Module):

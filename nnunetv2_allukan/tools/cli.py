@@ -15,32 +15,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 
-EXT_TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nnunet_ext_trainers")
-FORGOT_VARIABLE_HINT = ('nnU-Net finds the ALL U-KAN trainers only with: export nnUNet_extTrainer="$(nnunetv2-allukan '
-                        'ext-path)"  (or use "nnunetv2-allukan train ..." / "nnunetv2-allukan add-plans ...")')
-
-
-def nnunet_executable(name: str) -> str:
-    """An nnU-Net console script from this environment, also when its bin folder is not on PATH."""
-    candidate = os.path.join(os.path.dirname(sys.executable), name)
-    return candidate if os.path.exists(candidate) else name
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported in one line, without a traceback."""
-
-
-def with_ext_trainer_path(environ: dict) -> dict:
-    """``environ`` with this package's discovery folder added to nnUNet_extTrainer (kept if already there)."""
-    paths = [p for p in environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if EXT_TRAINER_DIR not in paths:
-        paths.append(EXT_TRAINER_DIR)
-    return {**environ, "nnUNet_extTrainer": os.pathsep.join(paths)}
+from .nnunet_commands import EXT_TRAINER_DIR, UserError, run_nnunet_entry
 
 
 def _ext_path(args) -> int:
@@ -48,110 +26,19 @@ def _ext_path(args) -> int:
     return 0
 
 
-def _run_nnunet_entry(prog: str, entry, argv: list[str]) -> int:
-    os.environ.update(with_ext_trainer_path(dict(os.environ)))
-    sys.argv = [prog, *argv]
-    result = entry()
-    return result if isinstance(result, int) else 0
-
-
 def _train(args) -> int:
     from nnunetv2.run.run_training import run_training_entry
-    return _run_nnunet_entry("nnUNetv2_train", run_training_entry, args.rest)
+    return run_nnunet_entry("nnUNetv2_train", run_training_entry, args.rest)
 
 
 def _predict(args) -> int:
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
-    return _run_nnunet_entry("nnUNetv2_predict", predict_entry_point, args.rest)
-
-
-def _require_env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise UserError(f"{name} is not set: export it as for any nnU-Net command (see nnU-Net's "
-                        f"documentation/setting_up_paths.md)")
-    if not os.path.isdir(value):
-        raise UserError(f"{name}={value} is not a folder")
-    return value
-
-
-def _dataset_name(dataset: str) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:
-        raise UserError(f"dataset {dataset!r} was not found in nnUNet_raw, nnUNet_preprocessed or nnUNet_results; "
-                        f"check the id or run nnUNetv2_plan_and_preprocess first") from None
-
-
-def add_allukan_configuration(plans: dict, source: str, target: str, ka_kwargs: dict) -> dict:
-    """Return plans with a configuration ``target`` that inherits ``source`` and names AllUKAN."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_CLASS_NAME, allukan_arch_kwargs
-
-    if source not in plans["configurations"]:
-        raise UserError(f"configuration {source!r} is not in the plans; available: "
-                        f"{', '.join(plans['configurations'])}")
-    resolved = PlansManager(plans).get_configuration(source)
-    arch = resolved.configuration["architecture"]
-    new_plans = json.loads(json.dumps(plans))
-    new_plans["configurations"][target] = {
-        "inherits_from": source,
-        "architecture": {
-            "network_class_name": ALLUKAN_CLASS_NAME,
-            "arch_kwargs": allukan_arch_kwargs(arch["arch_kwargs"], ka_kwargs),
-            "_kw_requires_import": list(arch["_kw_requires_import"]),
-        },
-    }
-    return new_plans
-
-
-def _check_builds(plans: dict, configuration: str):
-    """Build the network once so that bad KA arguments fail now, naming the argument, not at training time."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    cm = PlansManager(plans).get_configuration(configuration)
-    try:
-        get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                               cm.network_arch_init_kwargs_req_import, 1, 2, allow_init=False)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    return run_nnunet_entry("nnUNetv2_predict", predict_entry_point, args.rest)
 
 
 def _add_plans(args) -> int:
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
-
-    preprocessed = _require_env("nnUNet_preprocessed")
-    name = _dataset_name(args.dataset)
-    plans_file = os.path.join(preprocessed, name, args.plans + ".json")
-    if not os.path.isfile(plans_file):
-        raise UserError(f"plans file {plans_file} not found; run nnUNetv2_plan_and_preprocess -d {args.dataset} "
-                        f"first, or pass -p with the plans identifier")
-    target = args.name or f"{args.configuration}_allukan"
-    ka_kwargs = dict(nnUNetTrainerAllUKAN.ka_kwargs)
-    for key in ("spline_grad", "share", "grid_size", "skip_mode", "token_stages"):
-        if getattr(args, key) is not None:
-            ka_kwargs[key] = getattr(args, key)
-    if args.grid_range is not None:
-        ka_kwargs["grid_range"] = tuple(args.grid_range)
-    with open(plans_file) as f:
-        plans = json.load(f)
-    if target in plans["configurations"] and not args.overwrite:
-        raise UserError(f"configuration {target!r} already exists in {plans_file}; pass --overwrite to replace it")
-    ka_kwargs["grid_range"] = list(ka_kwargs["grid_range"])
-    new_plans = add_allukan_configuration(plans, args.configuration, target, ka_kwargs)
-    _check_builds(new_plans, target)
-    backup = plans_file + ".bak"
-    if not os.path.exists(backup):
-        shutil.copy2(plans_file, backup)
-    tmp = plans_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(new_plans, f, indent=4, sort_keys=False)
-    os.replace(tmp, plans_file)
-    print(f"Added configuration {target!r} (inherits {args.configuration!r}, network AllUKAN) to {plans_file}")
-    print(f"Train it with the stock trainer:  nnUNetv2_train {args.dataset} {target} FOLD")
-    return 0
+    from .add_plans import add_plans
+    return add_plans(args)
 
 
 def _demo(args) -> int:
@@ -160,27 +47,8 @@ def _demo(args) -> int:
 
 
 def _make_dataset(args) -> int:
-    from .data import templates as datasets
-    raw = args.raw or _require_env("nnUNet_raw")
-    if args.kind == "icbm2d":
-        info = datasets.make_icbm152_2d(raw, args.dataset_id or 501, downsample=args.downsample,
-                                        cross_template=not args.no_cross_template, overwrite=args.overwrite)
-    else:
-        info = datasets.make_icbm152_3d(raw, args.dataset_id or 503, downsample=args.downsample,
-                                        overwrite=args.overwrite)
-    print(f"{info['folder']}: {len(info['cases'])} training cases, {len(info.get('test_cases', []))} test cases")
-    if args.kind == "icbm2d":
-        # Neighbouring slices are near-duplicates: nnU-Net's random folds would leak, so write slab folds.
-        preprocessed = args.preprocessed or os.environ.get("nnUNet_preprocessed")
-        if preprocessed:
-            path = datasets.write_splits(os.path.join(preprocessed, info["name"]),
-                                         datasets.slab_splits(info["cases"]))
-            print(f"contiguous slab folds written to {path} (nnU-Net uses them instead of random folds)")
-        else:
-            print("nnUNet_preprocessed is not set: no splits_final.json written; nnU-Net's random folds would put "
-                  "neighbouring (near-identical) slices on both sides")
-    print(f"Next: nnUNetv2_plan_and_preprocess -d {info['dataset_id']} --verify_dataset_integrity")
-    return 0
+    from .make_dataset import make_dataset
+    return make_dataset(args)
 
 
 def _plot_activations(args) -> int:
@@ -290,7 +158,7 @@ def main(argv=None) -> int:
     else:
         args = build_parser().parse_args(argv)
     from .checkpoints import CheckpointError
-    from .data.templates import DatasetError
+    from ..data.templates import DatasetError
     try:
         return args.func(args)
     except (UserError, DatasetError, CheckpointError) as e:

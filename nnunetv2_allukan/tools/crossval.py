@@ -216,10 +216,10 @@ def main(argv=None) -> int:
                         help="further nnUNetv2_train arguments (last on the line), e.g. --train-args --npz")
     args = parser.parse_args(argv)
 
-    from .cli import _dataset_name, _require_env, nnunet_executable, with_ext_trainer_path
+    from .nnunet_commands import dataset_name, nnunet_executable, require_env, with_ext_trainer_path
 
-    results_root = _require_env("nnUNet_results")
-    name = _dataset_name(args.dataset)
+    results_root = require_env("nnUNet_results")
+    name = dataset_name(args.dataset)
     env = with_ext_trainer_path(dict(os.environ))
     if not args.collect_only:
         todo = []

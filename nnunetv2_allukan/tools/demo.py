@@ -31,7 +31,7 @@ def log(msg: str):
 def _run(cmd: list[str], env: dict, quiet: bool = False):
     log("$ " + " ".join(cmd))
     out = subprocess.DEVNULL if quiet else None
-    from .cli import nnunet_executable
+    from .nnunet_commands import nnunet_executable
     result = subprocess.run([nnunet_executable(cmd[0]), *cmd[1:]], env=env, stdout=out)
     if result.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed with exit code {result.returncode}")
@@ -41,7 +41,7 @@ def setup_environment(workdir: str, device: str) -> dict:
     paths = {k: os.path.join(workdir, k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
-    from .cli import with_ext_trainer_path
+    from .nnunet_commands import with_ext_trainer_path
     env = with_ext_trainer_path({**os.environ, **paths})
     env.setdefault("nnUNet_def_n_proc", "1")
     env.setdefault("nnUNet_n_proc_DA", "0" if device == "cpu" else "4")
@@ -103,7 +103,7 @@ def _folds_tag(folds) -> str:
 def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 25, val_iterations: int = 5,
              device: str = "cpu", downsample: int = 3, folds=(2,), dataset_id: int = 501,
              compare: bool = False, overwrite_dataset: bool = False) -> dict:
-    from .data.templates import make_icbm152_2d, slab_splits, write_splits
+    from ..data.templates import make_icbm152_2d, slab_splits, write_splits
 
     started = time.time()
     folds = sorted(set(int(f) for f in folds))
@@ -215,7 +215,7 @@ def _read_slice(path):
 
 def write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device, seconds) -> dict:
     from .checkpoints import load_network
-    from .data.templates import TISSUE_LABELS
+    from ..data.templates import TISSUE_LABELS
     from .plots import plot_activations, plot_examples
 
     os.makedirs(report_dir, exist_ok=True)

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .activation import SharedSplineActivation
+from ..activation import SharedSplineActivation
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ def plot_activations(network, out_png: str, max_channels: int = 4, title: str | 
 
     For ``share="channel"`` the first ``max_channels`` channels are overlaid. Returns the number of panels.
     """
-    from .activation import SharedSplineActivation
+    from ..activation import SharedSplineActivation
 
     layers = [(name.removesuffix(".activation"), m) for name, m in network.named_modules()
               if isinstance(m, SharedSplineActivation)]

@@ -51,9 +51,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .activation import SharedSplineActivation
-from .memory import saved_tensor_bytes
-from .spline import bspline_basis
+from ..activation import SharedSplineActivation
+from ..memory import saved_tensor_bytes
+from ..spline import bspline_basis
 
 PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 ALLUKAN = "nnunetv2_allukan.architectures.AllUKAN"
@@ -355,7 +355,7 @@ def checkpoint_every_stage(network: nn.Module) -> int:
 
 def unfuse_ka_layers(network: nn.Module) -> int:
     """Run phi and the linear map of every KA layer as two autograd ops; returns how many layers changed."""
-    from .layers import KAModule
+    from ..layers import KAModule
 
     changed = 0
     for module in network.modules():

@@ -8,7 +8,7 @@ from torch import nn
 
 from nnunetv2_allukan import KALinear, SharedSplineActivation
 from nnunetv2_allukan.architectures import AllUKAN
-from nnunetv2_allukan.gradfid import gradient_fidelity
+from nnunetv2_allukan.tools.gradfid import gradient_fidelity
 
 
 def small_net():
@@ -46,7 +46,7 @@ def test_non_trivial_splines_bend_only_the_gradients_before_them():
 
 def test_gradfid_cli_writes_json_and_png(tmp_path):
     out = tmp_path / "gf"
-    proc = subprocess.run([sys.executable, "-m", "nnunetv2_allukan.cli", "gradfid", "--patch", "32", "32",
+    proc = subprocess.run([sys.executable, "-m", "nnunetv2_allukan.tools.cli", "gradfid", "--patch", "32", "32",
                            "--base-features", "4", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "gradfid.json").is_file() and (out / "gradfid.png").is_file()

@@ -10,7 +10,7 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_allukan import SharedSplineActivation
-from nnunetv2_allukan import profiler
+from nnunetv2_allukan.tools import profiler
 from nnunetv2_allukan.memory import saved_tensor_bytes
 from nnunetv2_allukan.trainers.comparators import nnUNetTrainerStackedKAN
 from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
