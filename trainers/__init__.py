@@ -8,13 +8,21 @@ from .nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_Ada
 from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epochs, nnUNetTrainerAllUKAN_50epochs,
                        nnUNetTrainerAllUKAN_100epochs, nnUNetTrainerAllUKAN_exactGrad,
                        nnUNetTrainerAllUKAN_shareChannel, nnUNetTrainerAllUKAN_skipAdd,
-                       nnUNetTrainerAllUKAN_smokeTest)
+                       nnUNetTrainerAllUKAN_smokeTest, nnUNetTrainerAllUKAN_fixedSiLU,
+                       nnUNetTrainerAllUKAN_fixedLeakyReLU, nnUNetTrainerAllUKAN_leakyInit,
+                       nnUNetTrainerAllUKAN_splineAdam, nnUNetTrainerAllUKAN_splineAdamNoClip,
+                       nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup)
 
 TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
                  "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
                  "nnUNetTrainerAllUKAN_5epochs", "nnUNetTrainerAllUKAN_10epochs", "nnUNetTrainerAllUKAN_50epochs",
                  "nnUNetTrainerAllUKAN_100epochs", "nnUNetTrainerAllUKAN_smokeTest",
                  "nnUNetTrainerUKAN", "nnUNetTrainerStackedKAN", "nnUNetTrainerUKAN_smokeTest",
-                 "nnUNetTrainerStackedKAN_smokeTest"]
+                 "nnUNetTrainerStackedKAN_smokeTest",
+                 # accuracy controls and recipes (docs/accuracy.md)
+                 "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerAllUKAN_fixedLeakyReLU",
+                 "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineAdam",
+                 "nnUNetTrainerAllUKAN_splineAdamNoClip", "nnUNetTrainerAllUKAN_splineSGD10x",
+                 "nnUNetTrainerAllUKAN_splineWarmup"]
 
 __all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

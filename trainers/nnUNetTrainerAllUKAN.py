@@ -7,6 +7,7 @@ whatever nnU-Net planned for the dataset.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.optim.lr_scheduler import _LRScheduler
@@ -16,15 +17,16 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from .guards import CheckpointMismatchMessage, CompileOnlyWhenAsked, NonFiniteLossGuard
+from .statistics import KAStatistics
 
 ALLUKAN_CLASS_NAME = "nnunetv2_allukan.architectures.AllUKAN"
 
 
 def allukan_arch_kwargs(plans_arch_kwargs: dict, ka_kwargs: dict) -> dict:
-    """The plans' architecture keywords, adapted to AllUKAN, plus the KA choices.
+    """The plans' architecture keywords, adapted to AllUKAN's plain stages, plus the KA choices.
 
-    Residual-encoder plans name ``n_blocks_per_stage``; AllUKAN's encoder blocks are single KAonv blocks, so
-    that count becomes ``n_conv_per_stage``.
+    For a network without a residual encoder (the comparators; see ``network_for_plans``), residual-encoder
+    plans' ``n_blocks_per_stage`` becomes ``n_conv_per_stage``: that many single KAonv blocks, no skip path.
     """
     kwargs = dict(plans_arch_kwargs)
     if "n_conv_per_stage" not in kwargs and "n_blocks_per_stage" in kwargs:
@@ -35,6 +37,45 @@ def allukan_arch_kwargs(plans_arch_kwargs: dict, ka_kwargs: dict) -> dict:
     kwargs.pop("stem_channels", None)
     kwargs.update(ka_kwargs)
     return kwargs
+
+
+ALLUKAN_RESENC_CLASS_NAME = "nnunetv2_allukan.architectures.AllUKANResEnc"
+# A network's residual-encoder counterpart, built instead of it from plans with a residual encoder.
+RESIDUAL_ENCODER_COUNTERPART = {ALLUKAN_CLASS_NAME: ALLUKAN_RESENC_CLASS_NAME}
+
+
+class NetworkChoice(NamedTuple):
+    class_name: str
+    arch_kwargs: dict
+    reason: str  # one line for the training log
+
+
+def plans_have_residual_encoder(plans_network_class_name: str, plans_arch_kwargs: dict) -> bool:
+    """nnU-Net's ResEnc presets: the plans train d-n-a's ResidualEncoderUNet, or name ``n_blocks_per_stage``."""
+    return (plans_network_class_name.rsplit(".", 1)[-1] == "ResidualEncoderUNet"
+            or "n_blocks_per_stage" in plans_arch_kwargs)
+
+
+def network_for_plans(network_class_name: str, plans_network_class_name: str, plans_arch_kwargs: dict,
+                      ka_kwargs: dict) -> NetworkChoice:
+    """The network a trainer whose network is ``network_class_name`` builds from a plans configuration.
+
+    Plans with a residual encoder (``-p nnUNetResEncUNet{M,L,XL}Plans``) get the residual counterpart (AllUKAN ->
+    AllUKANResEnc, the residual KA encoder) with the plans' keywords unchanged; a network without one (UKAN,
+    StackedKAN) gets them as plain stages (``allukan_arch_kwargs``), and so do plain plans.
+    """
+    if not plans_have_residual_encoder(plans_network_class_name, plans_arch_kwargs):
+        return NetworkChoice(network_class_name, allukan_arch_kwargs(plans_arch_kwargs, ka_kwargs),
+                             f"{network_class_name} (plain plans: {plans_network_class_name})")
+    blocks = plans_arch_kwargs.get("n_blocks_per_stage")
+    if network_class_name in RESIDUAL_ENCODER_COUNTERPART:
+        residual = RESIDUAL_ENCODER_COUNTERPART[network_class_name]
+        return NetworkChoice(residual, {**plans_arch_kwargs, **ka_kwargs},
+                             f"{residual}: residual KA encoder, n_blocks_per_stage {blocks} (the plans train "
+                             f"{plans_network_class_name})")
+    return NetworkChoice(network_class_name, allukan_arch_kwargs(plans_arch_kwargs, ka_kwargs),
+                         f"{network_class_name} has no residual encoder: n_blocks_per_stage {blocks} of the "
+                         f"residual-encoder plans ({plans_network_class_name}) become plain KA blocks")
 
 
 class EpochCosineLRScheduler(_LRScheduler):
@@ -75,11 +116,13 @@ def split_spline_parameters(network: torch.nn.Module):
     return spline, other
 
 
-class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, CompileOnlyWhenAsked, nnUNetTrainer):
+class nnUNetTrainerAllUKAN(KAStatistics, NonFiniteLossGuard, CheckpointMismatchMessage, CompileOnlyWhenAsked,
+                           nnUNetTrainer):
     """ALL U-KAN with the Grad-Free Spline, one spline per layer, nnU-Net's SGD + poly schedule.
 
-    Unlike stock nnU-Net it stops on repeated non-finite losses, explains checkpoint/plans mismatches and compiles
-    on CUDA only when nnUNet_compile=1 is set (logged).
+    Unlike stock nnU-Net it stops on repeated non-finite losses, explains checkpoint/plans mismatches, compiles
+    on CUDA only when nnUNet_compile=1 is set (logged) and writes per-epoch KA-layer and gradient-norm statistics
+    (``ka_statistics.jsonl`` in the fold folder, a summary line in the log).
     """
 
     # The network built from the plans, and the KA choices handed to it; variants override single entries.
@@ -88,17 +131,29 @@ class nnUNetTrainerAllUKAN(NonFiniteLossGuard, CheckpointMismatchMessage, Compil
                        "token_stages": 2, "skip_mode": "concat"}
 
     @classmethod
+    def network_choice(cls, configuration_manager: ConfigurationManager) -> NetworkChoice:
+        """``network_class_name``, or its residual counterpart for residual-encoder (ResEnc) plans."""
+        return network_for_plans(cls.network_class_name, configuration_manager.network_arch_class_name,
+                                 configuration_manager.network_arch_init_kwargs, cls.ka_kwargs)
+
+    @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
+        choice = cls.network_choice(configuration_manager)
         return get_network_from_plans(
-            cls.network_class_name,
-            allukan_arch_kwargs(configuration_manager.network_arch_init_kwargs, cls.ka_kwargs),
+            choice.class_name,
+            choice.arch_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import,
             num_input_channels,
             num_output_channels,
             allow_init=True,
             deep_supervision=enable_deep_supervision)
+
+    def initialize(self):
+        if not self.was_initialized:
+            self.print_to_log_file(f"network: {self.network_choice(self.configuration_manager).reason}")
+        super().initialize()
 
 
 class nnUNetTrainerAllUKAN_AdamCosine(nnUNetTrainerAllUKAN):
@@ -122,4 +177,5 @@ class nnUNetTrainerAllUKAN_AdamCosine(nnUNetTrainerAllUKAN):
 
 
 __all__ = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "EpochCosineLRScheduler",
-           "allukan_arch_kwargs", "split_spline_parameters", "ALLUKAN_CLASS_NAME"]
+           "allukan_arch_kwargs", "split_spline_parameters", "ALLUKAN_CLASS_NAME", "ALLUKAN_RESENC_CLASS_NAME",
+           "NetworkChoice", "network_for_plans", "plans_have_residual_encoder"]

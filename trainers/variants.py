@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
+from .recipes import SplineParameterGroup
 
 
 class nnUNetTrainerAllUKAN_exactGrad(nnUNetTrainerAllUKAN):
@@ -49,3 +50,40 @@ nnUNetTrainerAllUKAN_100epochs = _with_epochs(100)
 nnUNetTrainerAllUKAN_smokeTest = with_budget(
     nnUNetTrainerAllUKAN, "nnUNetTrainerAllUKAN_smokeTest",
     "For tests and smoke runs only: 1 epoch of 2 training and 1 validation iterations.", **SMOKE_TEST_BUDGET)
+
+
+# Accuracy-issue variants: controls that freeze phi, and recipes for learning it (docs/accuracy.md).
+
+class nnUNetTrainerAllUKAN_fixedSiLU(nnUNetTrainerAllUKAN):
+    """Control: the same topology with phi fixed to silu (no spline parameters)."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "activation": "fixed-silu"}
+
+
+class nnUNetTrainerAllUKAN_fixedLeakyReLU(nnUNetTrainerAllUKAN):
+    """Control: the same topology with phi fixed to nnU-Net's LeakyReLU(0.01) (no spline parameters)."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "activation": "fixed-leakyrelu"}
+
+
+class nnUNetTrainerAllUKAN_leakyInit(nnUNetTrainerAllUKAN):
+    """phi starts as nnU-Net's LeakyReLU(0.01) exactly (leaky base function, zero spline coefficients)."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "spline_init": "leakyrelu"}
+
+
+class nnUNetTrainerAllUKAN_splineAdam(SplineParameterGroup, nnUNetTrainerAllUKAN):
+    """Spline parameters trained by their own Adam (lr 1e-3, no weight decay), the rest by nnU-Net's SGD."""
+    spline_optimizer, spline_lr = "adam", 1e-3
+
+
+class nnUNetTrainerAllUKAN_splineAdamNoClip(nnUNetTrainerAllUKAN_splineAdam):
+    """As _splineAdam, and the spline parameters are left out of nnU-Net's gradient-norm clip at 12."""
+    spline_clip = False
+
+
+class nnUNetTrainerAllUKAN_splineSGD10x(SplineParameterGroup, nnUNetTrainerAllUKAN):
+    """Spline parameters in their own SGD group at 10x nnU-Net's lr, no weight decay."""
+    spline_optimizer, spline_lr = "sgd", 1e-1
+
+
+class nnUNetTrainerAllUKAN_splineWarmup(SplineParameterGroup, nnUNetTrainerAllUKAN):
+    """Spline parameters frozen for the first 10 % of the epochs, then nnU-Net's SGD and schedule (own group)."""
+    spline_optimizer, spline_lr, spline_warmup_fraction = "sgd", 1e-2, 0.1

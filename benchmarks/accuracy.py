@@ -1,0 +1,269 @@
+"""Accuracy experiments through nnU-Net's own training and validation (docs/accuracy.md).
+
+Each run is one trainer x fold x budget x seed, trained in a fresh subprocess by nnU-Net's trainer (its loop,
+augmentation, loss and final validation of the held-out slab), with the budget set on the trainer and every RNG
+seeded. Results land in ``<workdir>/runs/<task>/<budget>/<trainer>/fold_<k>_seed<s>.json`` as soon as a run ends
+(Dice per class, foreground mean, wall time, learning curves, the KA statistics of the last epoch), so an
+interrupted batch keeps what finished and a rerun skips it.
+
+    python benchmarks/accuracy.py run --task icbm --trainers nnUNetTrainer nnUNetTrainerAllUKAN --folds 1 \\
+        --epochs 20 --iterations 25 --workdir /work/acc
+    python benchmarks/accuracy.py report --workdir /work/acc --out docs/accuracy_results
+
+Tasks (built from installed wheels on first use, planned with nnU-Net's default planner, slab folds):
+  icbm          ICBM152 grey/white matter, 2D axial slices at --downsample mm (default 3, the demo's)
+  parcellation  CAT12 template + neuromorphometrics atlas in 10 lobes/structures, 2D at 2 mm
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D"},
+         "parcellation": {"dataset_id": 514, "name": "Dataset514_NMMParcellation2D"}}
+
+
+def task_environment(workdir: str, budget_tag: str) -> dict:
+    """nnU-Net folders: raw and preprocessed shared by all runs; one results root per budget (nnU-Net names
+    result folders by trainer only, so two budgets of one trainer would otherwise collide)."""
+    env = dict(os.environ)
+    env.update(nnUNet_raw=os.path.join(workdir, "raw"), nnUNet_preprocessed=os.path.join(workdir, "preprocessed"),
+               nnUNet_results=os.path.join(workdir, "results", budget_tag))
+    env.setdefault("nnUNet_def_n_proc", "1")
+    env.setdefault("nnUNet_n_proc_DA", "0")  # single process: seeded augmentation, no worker-pool overhead
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.makedirs(env[key], exist_ok=True)
+    return env
+
+
+def prepare_task(task: str, workdir: str, downsample: int) -> None:
+    """Build, plan and preprocess the task's dataset once, and write its slab folds."""
+    env = task_environment(workdir, "prepare")
+    spec = TASKS[task]
+    pre = os.path.join(env["nnUNet_preprocessed"], spec["name"])
+    if os.path.isfile(os.path.join(pre, "splits_final.json")):
+        return
+    from nnunetv2_allukan.data.templates import slab_splits, write_splits
+    if task == "icbm":
+        from nnunetv2_allukan.data.templates import make_icbm152_2d
+        info = make_icbm152_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample, cross_template=False)
+    else:
+        from nnunetv2_allukan.data.parcellation import make_parcellation_2d
+        info = make_parcellation_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=2)
+    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(spec["dataset_id"]), "-c", "2d", "-np", "1",
+                    "-npfp", "1"], check=True, env={**env, "nnUNet_n_proc_DA": "1"})  # preprocessing needs >= 1
+    write_splits(pre, slab_splits(info["cases"]))
+
+
+def budget_tag(epochs: int, iterations: int) -> str:
+    return f"e{epochs}x{iterations}"
+
+
+def result_path(workdir, task, tag, trainer, fold, seed) -> str:
+    return os.path.join(workdir, "runs", task, tag, trainer, f"fold_{fold}_seed{seed}.json")
+
+
+def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: int, seed: int, workdir: str,
+              threads: int) -> dict:
+    """One run in this process (called in a subprocess by ``run``): nnU-Net's training + final validation."""
+    import random
+
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    from nnunetv2_allukan.tools.checkpoints import trainer_class
+
+    torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    pre = os.path.join(str(nnUNet_preprocessed), TASKS[task]["name"])
+    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    trainer = trainer_class(trainer_name)(plans, "2d", fold, load_json(os.path.join(pre, "dataset.json")),
+                                          device=torch.device("cpu"))
+    trainer.num_epochs = epochs
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = 5
+    trainer.save_every = 5
+    started = time.time()
+    trainer.run_training()
+    train_seconds = time.time() - started
+    trainer.perform_actual_validation(False)
+    summary = load_json(os.path.join(trainer.output_folder, "validation", "summary.json"))
+    log = trainer.logger.my_fantastic_logging if hasattr(trainer.logger, "my_fantastic_logging") else \
+        trainer.logger.local_logger.my_fantastic_logging
+    stats_file = os.path.join(trainer.output_folder, "ka_statistics.jsonl")
+    ka_stats = None
+    if os.path.isfile(stats_file):
+        with open(stats_file) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+        ka_stats = {"first": _stats_summary(lines[0]), "last": _stats_summary(lines[-1])} if lines else None
+    epoch_seconds = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    return {"task": task, "trainer": trainer_name, "fold": fold, "seed": seed, "epochs": epochs,
+            "iterations_per_epoch": iterations, "iterations": epochs * iterations,
+            "dice": {k: float(v["Dice"]) for k, v in summary["mean"].items()},
+            "foreground_mean": float(summary["foreground_mean"]["Dice"]),
+            "parameters": sum(p.numel() for p in trainer.network.parameters()),
+            "train_seconds": train_seconds, "median_epoch_seconds": statistics.median(epoch_seconds),
+            "curves": {"train_loss": [float(v) for v in log["train_losses"]],
+                       "val_loss": [float(v) for v in log["val_losses"]],
+                       "ema_pseudo_dice": [float(v) for v in log["ema_fg_dice"]],
+                       "epoch_seconds": epoch_seconds},
+            "ka_statistics": ka_stats, "threads": threads, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def _stats_summary(entry: dict) -> dict:
+    layers = list(entry["layers"].values())
+
+    def median(key):
+        return statistics.median(l[key] for l in layers) if layers else None
+
+    return {"epoch": entry["epoch"], "median_coef_norm": median("coef_norm"), "median_base_weight": median("base_weight"),
+            "median_max_spline_slope": median("max_spline_slope"), "median_outside_grid": median("outside_grid"),
+            "grad_norm_mean": entry["grad_norm"]["mean"], "clipped_fraction": entry["grad_norm"]["clipped_fraction"],
+            "share_of_squared_norm": entry["grad_norm"]["share_of_squared_norm"]}
+
+
+def run(args) -> int:
+    workdir = os.path.abspath(args.workdir)
+    prepare_task(args.task, workdir, args.downsample)
+    tag = budget_tag(args.epochs, args.iterations)
+    env = task_environment(workdir, tag)
+    failed = []
+    for seed in args.seeds:
+        for fold in args.folds:
+            for trainer in args.trainers:
+                out = result_path(workdir, args.task, tag, trainer, fold, seed)
+                if os.path.isfile(out):
+                    print(f"[accuracy] done already: {out}", flush=True)
+                    continue
+                print(f"[accuracy {time.strftime('%H:%M:%S')}] {args.task} {trainer} fold {fold} seed {seed} "
+                      f"{tag}", flush=True)
+                cmd = [sys.executable, os.path.abspath(__file__), "train-one", "--task", args.task, "--trainer",
+                       trainer, "--fold", str(fold), "--epochs", str(args.epochs), "--iterations",
+                       str(args.iterations), "--seed", str(seed), "--workdir", workdir, "--threads",
+                       str(args.threads), "--out", out]
+                os.makedirs(os.path.dirname(out), exist_ok=True)
+                with open(out.replace(".json", ".log"), "w") as log:
+                    code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                if code != 0:
+                    failed.append((trainer, fold, seed))
+                    print(f"[accuracy] FAILED ({code}): see {out.replace('.json', '.log')}", flush=True)
+                else:
+                    with open(out) as f:
+                        r = json.load(f)
+                    print(f"[accuracy] {trainer} fold {fold}: foreground Dice {r['foreground_mean']:.4f} "
+                          f"({r['train_seconds']:.0f} s)", flush=True)
+    if failed:
+        print(f"[accuracy] {len(failed)} run(s) failed: {failed}", flush=True)
+    return 1 if failed else 0
+
+
+def train_one_command(args) -> int:
+    result = train_one(args.task, args.trainer, args.fold, args.epochs, args.iterations, args.seed,
+                       os.path.abspath(args.workdir), args.threads)
+    result["command"] = (f"python benchmarks/accuracy.py run --task {args.task} --trainers {args.trainer} "
+                         f"--folds {args.fold} --epochs {args.epochs} --iterations {args.iterations} "
+                         f"--seeds {args.seed}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+def report(args) -> int:
+    """Tables (Markdown) and a compact JSON of every finished run, plus learning-curve plots."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(os.path.abspath(args.workdir), "runs", "*", "*", "*", "*.json"))):
+        with open(path) as f:
+            rows.append(json.load(f))
+    os.makedirs(args.out, exist_ok=True)
+    compact = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
+    with open(os.path.join(args.out, "runs.json"), "w") as f:
+        json.dump(compact, f, indent=1)
+    lines = ["| task | budget (iterations) | fold | seed | trainer | params | foreground Dice | per class | "
+             "train s | coef norm first→last | base weight last | clip engaged (last epoch) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["iterations"], r["fold"], r["seed"], -r["foreground_mean"])):
+        ka = r.get("ka_statistics") or {}
+        first, last = ka.get("first") or {}, ka.get("last") or {}
+        coef = (f"{first['median_coef_norm']:.3f}→{last['median_coef_norm']:.3f}"
+                if first.get("median_coef_norm") is not None else "–")
+        base = f"{last['median_base_weight']:.3f}" if last.get("median_base_weight") is not None else "–"
+        clip = f"{last['clipped_fraction']:.0%}" if "clipped_fraction" in last else "–"
+        per_class = " / ".join(f"{v:.3f}" for v in r["dice"].values())
+        lines.append(f"| {r['task']} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
+                     f"{r['parameters'] / 1e6:.2f} M | **{r['foreground_mean']:.4f}** | {per_class} | "
+                     f"{r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
+    with open(os.path.join(args.out, "runs.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plot_curves(rows, os.path.join(args.out, "learning_curves.png"))
+    return 0
+
+
+def _plot_curves(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["task"], r["iterations"], r["fold"]) for r in rows})
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.2 * len(groups)), squeeze=False)
+    for (task, iters, fold), (ax_it, ax_time) in zip(groups, axes):
+        for r in rows:
+            if (r["task"], r["iterations"], r["fold"]) != (task, iters, fold):
+                continue
+            dice = r["curves"]["ema_pseudo_dice"]
+            epochs = range(1, len(dice) + 1)
+            elapsed = [sum(r["curves"]["epoch_seconds"][:i]) for i in epochs]
+            label = f"{r['trainer']} s{r['seed']}"
+            ax_it.plot([e * r["iterations_per_epoch"] for e in epochs], dice, label=label)
+            ax_time.plot(elapsed, dice, label=label)
+        ax_it.set(title=f"{task}, fold {fold}, {iters} iterations", xlabel="iteration",
+                  ylabel="EMA pseudo-Dice (nnU-Net)")
+        ax_time.set(title="same, against training wall time", xlabel="seconds")
+        ax_it.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train (trainer x fold x seed) runs that are not finished yet")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--trainers", nargs="+", required=True)
+    p.add_argument("--folds", type=int, nargs="+", default=[1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
+    p.add_argument("--downsample", type=int, default=3, help="icbm only: in-plane mm")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(func=run)
+    p = sub.add_parser("train-one", help=argparse.SUPPRESS)
+    for name, kind in (("--task", str), ("--trainer", str), ("--fold", int), ("--epochs", int),
+                       ("--iterations", int), ("--seed", int), ("--workdir", str), ("--threads", int), ("--out", str)):
+        p.add_argument(name, type=kind, required=True)
+    p.set_defaults(func=train_one_command)
+    p = sub.add_parser("report", help="tables and plots of every finished run")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default="docs/accuracy_results")
+    p.set_defaults(func=report)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Training-time statistics of every KA layer, written once per epoch next to nnU-Net's log.
+
+``KAStatistics`` is a trainer mixin (cheap: one extra reduction per KA layer on the first training iteration of an
+epoch, and a norm per parameter group each iteration). Per epoch it appends one JSON line to
+``<fold folder>/ka_statistics.jsonl`` and one summary line to nnU-Net's training log:
+
+* per KA layer: fraction of phi's inputs outside the grid range (first iteration of the epoch), spline coefficient
+  norm, mean base weight, and the spline's largest slope max |d/dx sum_j c_j B_j(x)|;
+* the global gradient norm that nnU-Net's ``clip_grad_norm_(…, 12)`` sees (before clipping), how often it exceeds
+  the clip, and each parameter kind's share of the squared norm (spline coefficients, base weights, conv/linear
+  weights, biases, normalisation) — which groups dominate the norm.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics as stats
+
+import torch
+
+from nnunetv2_allukan.layers import KAModule
+
+NNUNET_CLIP_NORM = 12.0
+PARAMETER_KINDS = ("spline_coef", "base_weight", "weight", "bias", "norm")
+
+
+def parameter_kind(name: str, module_of_parameter: torch.nn.Module) -> str:
+    if name.endswith("activation.coef"):
+        return "spline_coef"
+    if name.endswith("activation.base_weight"):
+        return "base_weight"
+    if isinstance(module_of_parameter, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm,
+                                        torch.nn.GroupNorm)):
+        return "norm"
+    return "bias" if name.endswith("bias") else "weight"
+
+
+def parameter_kinds(network: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    kinds = {k: [] for k in PARAMETER_KINDS}
+    modules = dict(network.named_modules())
+    for name, p in network.named_parameters():
+        owner = modules.get(name.rsplit(".", 1)[0], network) if "." in name else network
+        kinds[parameter_kind(name, owner)].append(p)
+    return kinds
+
+
+def spline_max_slope(activation, num_points: int = 400) -> float:
+    """max |d/dx spline part| over the extended grid, by central differences of the spline curve."""
+    xs, _, spline_part = activation.curves(num_points=num_points, margin=0.0)
+    slope = (spline_part[2:] - spline_part[:-2]) / (xs[2:] - xs[:-2])[:, None]
+    return float(slope.abs().max())
+
+
+def ka_layer_snapshot(network: torch.nn.Module) -> dict[str, dict]:
+    """Per KA layer: coefficient norm, mean base weight and largest spline slope (no data needed)."""
+    out = {}
+    for name, module in network.named_modules():
+        if isinstance(module, KAModule):
+            act = module.activation
+            out[name] = {"coef_norm": float(act.coef.detach().norm()),
+                         "base_weight": float(act.base_weight.detach().float().mean()),
+                         "max_spline_slope": spline_max_slope(act)}
+    return out
+
+
+@contextlib.contextmanager
+def recording_clip_norm(kinds: dict[str, list[torch.Tensor]], record: list):
+    """Within the block, every torch.nn.utils.clip_grad_norm_ call also appends (total norm, {kind: norm²})."""
+    original = torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, max_norm, *args, **kwargs):
+        squared = {}
+        for kind, params in kinds.items():
+            grads = [p.grad.detach().float() for p in params if p.grad is not None]
+            squared[kind] = float(sum((g * g).sum() for g in grads)) if grads else 0.0
+        total = original(parameters, max_norm, *args, **kwargs)
+        record.append((float(total), squared, float(max_norm)))
+        return total
+
+    torch.nn.utils.clip_grad_norm_ = clip
+    try:
+        yield
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+
+
+class KAStatistics:
+    """Mixin: per-epoch statistics of the KA layers and of the gradient norm (see the module docstring)."""
+
+    statistics_file = "ka_statistics.jsonl"
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._clip_record = []
+        self._outside = {}
+        self._outside_hooks = []
+        net = self._statistics_network()
+        for name, module in net.named_modules():
+            if isinstance(module, KAModule):
+                self._outside_hooks.append(module.register_forward_pre_hook(self._outside_hook(name)))
+
+    def _statistics_network(self) -> torch.nn.Module:
+        net = self.network.module if self.is_ddp else self.network
+        return getattr(net, "_orig_mod", net)
+
+    def _outside_hook(self, name):
+        def hook(module, args):
+            lo, hi = module.activation.grid_range
+            x = args[0].detach()
+            self._outside[name] = float(((x < lo) | (x > hi)).float().mean())
+        return hook
+
+    def train_step(self, batch: dict) -> dict:
+        with recording_clip_norm(parameter_kinds(self._statistics_network()), self._clip_record):
+            result = super().train_step(batch)
+        for handle in self._outside_hooks:  # the first iteration of an epoch is sample enough
+            handle.remove()
+        self._outside_hooks = []
+        return result
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self.local_rank != 0:
+            return
+        entry = self.ka_statistics_entry()
+        with open(os.path.join(self.output_folder, self.statistics_file), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        g = entry["grad_norm"]
+        layers = entry["layers"].values()
+        self.print_to_log_file(
+            "KA statistics: median over layers: outside grid {:.3f}, coef norm {:.3f}, base weight {:.3f}, max "
+            "spline slope {:.3f}; grad norm mean {:.2f} (clip at {:g} engaged in {:.0%} of steps), share of "
+            "norm²: {}".format(
+                stats.median(l["outside_grid"] for l in layers) if layers else float("nan"),
+                stats.median(l["coef_norm"] for l in layers) if layers else float("nan"),
+                stats.median(l["base_weight"] for l in layers) if layers else float("nan"),
+                stats.median(l["max_spline_slope"] for l in layers) if layers else float("nan"),
+                g["mean"], NNUNET_CLIP_NORM, g["clipped_fraction"],
+                ", ".join(f"{k} {v:.2f}" for k, v in g["share_of_squared_norm"].items())))
+
+    def ka_statistics_entry(self) -> dict:
+        layers = ka_layer_snapshot(self._statistics_network())
+        for name, layer in layers.items():
+            layer["outside_grid"] = self._outside.get(name, float("nan"))
+        record = self._clip_record or [(float("nan"), {k: 0.0 for k in PARAMETER_KINDS}, NNUNET_CLIP_NORM)]
+        totals = [r[0] for r in record]
+        squared_sum = {k: sum(r[1][k] for r in record) for k in PARAMETER_KINDS}
+        all_squared = sum(squared_sum.values()) or 1.0
+        return {"epoch": int(self.current_epoch),
+                "grad_norm": {"mean": stats.fmean(totals), "max": max(totals), "steps": len(record),
+                              "clipped_fraction": sum(t > r[2] for t, r in zip(totals, record)) / len(record),
+                              "share_of_squared_norm": {k: v / all_squared for k, v in squared_sum.items()}},
+                "layers": layers}
+
+
+__all__ = ["KAStatistics", "ka_layer_snapshot", "parameter_kinds", "recording_clip_norm", "spline_max_slope"]
