@@ -77,8 +77,8 @@ def _gradfid(args) -> int:
 
 
 def _profile(args) -> int:
-    from . import profiler
-    return profiler.main(args.rest)
+    from .profiling import command
+    return command.main(args.rest)
 
 
 def _bench_layers(args) -> int:

@@ -85,7 +85,9 @@ def plot(result: dict, out_png: str, title: str):
 
 
 def main(argv=None) -> int:
-    from .profiler import _loss, _random_targets, build_network, synthetic_plans, VARIANT_BY_KEY
+    from .profiling.configs import synthetic_plans
+    from .profiling.measure import deep_supervision_loss, random_targets
+    from .profiling.variants import VARIANT_BY_KEY, build_network
 
     parser = argparse.ArgumentParser(prog="nnunetv2-allukan gradfid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,8 +120,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         outputs = network(x)
     n_classes = (outputs[0] if isinstance(outputs, (list, tuple)) else outputs).shape[1]
-    targets = _random_targets(outputs if isinstance(outputs, (list, tuple)) else [outputs], n_classes)
-    result = gradient_fidelity(network, x, lambda out: _loss(out, targets))
+    targets = random_targets(outputs if isinstance(outputs, (list, tuple)) else [outputs], n_classes)
+    result = gradient_fidelity(network, x, lambda out: deep_supervision_loss(out, targets))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradfid.json"), "w") as f:
         json.dump({"title": title, **result}, f, indent=2)

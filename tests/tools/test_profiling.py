@@ -10,7 +10,7 @@ from nnunetv2.experiment_planning.experiment_planners.network_topology import ge
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_allukan import SharedSplineActivation
-from nnunetv2_allukan.tools import profiler
+from nnunetv2_allukan.tools.profiling import command, configs, measure, sweep, variants
 from nnunetv2_allukan.memory import saved_tensor_bytes
 from nnunetv2_allukan.trainers.comparators import nnUNetTrainerStackedKAN
 from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
@@ -31,14 +31,14 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_config():
-    return profiler.synthetic_plans(2, PATCH, BATCH, base_features=4, max_features=8)
+    return configs.synthetic_plans(2, PATCH, BATCH, base_features=4, max_features=8)
 
 
 @pytest.fixture(scope="module")
 def profiled(tiny_config, tmp_path_factory):
     """One CLI run with a memory budget StackedKAN exceeds at batch 2 but not at batch 1 (computed here)."""
     counted = {}
-    count = profiler.count_on_fake_tensors
+    count = measure.count_on_fake_tensors
 
     def count_once(variant, cfg, patch, batch, ka_kwargs=None):
         # fake-tensor counts cost seconds: let the profiler reuse the one this fixture needs for the budget
@@ -49,12 +49,12 @@ def profiled(tiny_config, tmp_path_factory):
 
     # The profiler needs 1.3 x saved + 16 x params bytes; saved bytes halve with the batch, so this budget lies
     # a quarter of the saved bytes away from both needs.
-    params, _, saved = count_once(profiler.VARIANT_BY_KEY["stacked"], tiny_config, PATCH, BATCH)
+    params, _, saved = count_once(variants.VARIANT_BY_KEY["stacked"], tiny_config, PATCH, BATCH)
     budget_gb = (1.3 * saved + 16 * params - 1.3 * saved / 4) / 2 ** 30
     out = tmp_path_factory.mktemp("profile")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(profiler, "count_on_fake_tensors", count_once)
-        rc = profiler.main(["--dim", "2", "--patch", *map(str, PATCH), "--batch", str(BATCH), *WIDTHS,
+        patch.setattr(measure, "count_on_fake_tensors", count_once)
+        rc = command.main(["--dim", "2", "--patch", *map(str, PATCH), "--batch", str(BATCH), *WIDTHS,
                             "--rows", ",".join(ROWS), "--repeats", "1", "--device", "cpu",
                             "--max-memory-gb", f"{budget_gb:.9f}", "--out", str(out)])
     assert rc == 0
@@ -66,9 +66,9 @@ def rows_by_key(rows):
 
 
 def cm_for(result):
-    return types.SimpleNamespace(network_arch_class_name=profiler.PLAIN_CONV_UNET,
+    return types.SimpleNamespace(network_arch_class_name=configs.PLAIN_CONV_UNET,
                                  network_arch_init_kwargs=result["arch_kwargs"],
-                                 network_arch_init_kwargs_req_import=list(profiler.REQ_IMPORT))
+                                 network_arch_init_kwargs_req_import=list(configs.REQ_IMPORT))
 
 
 def test_synthetic_topology_is_nnunets(tiny_config):
@@ -136,28 +136,28 @@ def test_a_network_that_does_not_fit_is_reported_and_measured_smaller(profiled):
 
 
 def test_fake_tensor_count_matches_the_real_storage_count(tiny_config):
-    variant = profiler.VARIANT_BY_KEY["exact"]
-    params, flops, estimate = profiler.count_on_fake_tensors(variant, tiny_config, PATCH, 1)
-    options = profiler.Options(time_steps=False, log=lambda s: None)
-    measured = profiler.measure_at(variant, tiny_config, PATCH, 1, options, guard=False)
+    variant = variants.VARIANT_BY_KEY["exact"]
+    params, flops, estimate = measure.count_on_fake_tensors(variant, tiny_config, PATCH, 1)
+    options = measure.Options(time_steps=False, log=lambda s: None)
+    measured = measure.measure_at(variant, tiny_config, PATCH, 1, options, guard=False)
     assert measured.params == params and measured.flops == flops > 0
     assert estimate == pytest.approx(measured.saved_bytes, rel=0.02)
     # Grad-Free and exact gradients both keep only the layer input: the same memory.
-    free = profiler.measure_at(profiler.VARIANT_BY_KEY["free"], tiny_config, PATCH, 1, options, guard=False)
+    free = measure.measure_at(variants.VARIANT_BY_KEY["free"], tiny_config, PATCH, 1, options, guard=False)
     assert free.saved_bytes == pytest.approx(measured.saved_bytes, rel=0.01)
     # The dense basis keeps nb = 8 values (and more) for every spline input.
-    dense = profiler.measure_at(profiler.VARIANT_BY_KEY["dense"], tiny_config, PATCH, 1, options, guard=False)
+    dense = measure.measure_at(variants.VARIANT_BY_KEY["dense"], tiny_config, PATCH, 1, options, guard=False)
     assert dense.saved_bytes > 8 * free.saved_bytes
     # Unfused, phi(x) is kept for each conv's weight gradient as well: more memory, the same FLOPs.
-    unfused = profiler.measure_at(profiler.VARIANT_BY_KEY["free-unfused"], tiny_config, PATCH, 1, options,
+    unfused = measure.measure_at(variants.VARIANT_BY_KEY["free-unfused"], tiny_config, PATCH, 1, options,
                                   guard=False)
     assert unfused.saved_bytes > 1.2 * free.saved_bytes
     assert unfused.flops == free.flops
 
 
 def test_nothing_fits_is_a_table_entry_not_a_crash(tiny_config):
-    options = profiler.Options(time_steps=False, max_memory_bytes=1.0, log=lambda s: None)
-    at_request, where_fit = profiler.profile_variant(profiler.VARIANT_BY_KEY["cnn"], tiny_config, options)
+    options = measure.Options(time_steps=False, max_memory_bytes=1.0, log=lambda s: None)
+    at_request, where_fit = sweep.profile_variant(variants.VARIANT_BY_KEY["cnn"], tiny_config, options)
     assert at_request is where_fit and at_request.status == "did not fit"
     # total stride 4x4, bottleneck edge >= 2: 16x24 b2 -> b1 -> 8x12 b1, and 12 cannot be halved again.
     assert [size for size, _ in at_request.stopped] == ["16x24 b2", "16x24 b1", "8x12 b1"]
@@ -167,7 +167,7 @@ def test_nothing_fits_is_a_table_entry_not_a_crash(tiny_config):
 
 def test_smaller_sizes_halve_batch_then_every_divisible_axis():
     cfg = types.SimpleNamespace(cumulative_stride=lambda: [2, 4, 4])
-    sizes = list(profiler.smaller_sizes(cfg, [8, 16, 16], 4))
+    sizes = list(sweep.smaller_sizes(cfg, [8, 16, 16], 4))
     assert sizes == [([8, 16, 16], 2), ([8, 16, 16], 1), ([4, 8, 8], 1)]
 
 
@@ -177,7 +177,7 @@ def test_dense_basis_row_computes_the_exact_mode_function_and_gradients():
     dense = SharedSplineActivation(num_channels=3, share="channel", spline_grad="exact")
     dense.load_state_dict(exact.state_dict())
     holder = torch.nn.Sequential(dense)
-    assert profiler.use_dense_basis(holder) == 1
+    assert variants.use_dense_basis(holder) == 1
     x = (torch.randn(2, 3, 5, 4) * 2).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     y, y2 = exact(x), dense(x2)
@@ -190,16 +190,16 @@ def test_dense_basis_row_computes_the_exact_mode_function_and_gradients():
 
 def test_missing_plans_are_one_line_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
-    assert profiler.main(["-d", "1", "-c", "2d"]) == 2
+    assert command.main(["-d", "1", "-c", "2d"]) == 2
     assert "nnUNet_preprocessed" in capsys.readouterr().err
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
-    assert profiler.main(["-d", "7", "-c", "2d"]) == 2
+    assert command.main(["-d", "7", "-c", "2d"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'7' was not found" in err
     (tmp_path / "Dataset007_X").mkdir()
-    assert profiler.main(["-d", "7", "-c", "2d"]) == 2
+    assert command.main(["-d", "7", "-c", "2d"]) == 2
     assert "nnUNetPlans.json not found" in capsys.readouterr().err
-    assert profiler.main(["--dim", "2"]) == 2
+    assert command.main(["--dim", "2"]) == 2
 
 
 def test_profiles_a_datasets_plans(tmp_path, monkeypatch, tiny_config):
@@ -207,13 +207,13 @@ def test_profiles_a_datasets_plans(tmp_path, monkeypatch, tiny_config):
     folder.mkdir()
     plans = {"dataset_name": "Dataset007_X", "plans_name": "nnUNetPlans", "label_manager": "LabelManager",
              "configurations": {"2d": {"patch_size": PATCH, "batch_size": 3, "architecture": {
-                 "network_class_name": profiler.PLAIN_CONV_UNET, "arch_kwargs": tiny_config.arch_kwargs,
-                 "_kw_requires_import": list(profiler.REQ_IMPORT)}}}}
+                 "network_class_name": configs.PLAIN_CONV_UNET, "arch_kwargs": tiny_config.arch_kwargs,
+                 "_kw_requires_import": list(configs.REQ_IMPORT)}}}}
     (folder / "nnUNetPlans.json").write_text(json.dumps(plans))
     (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "a", "1": "b"},
                                                      "labels": {"background": 0, "x": 1, "y": 2, "z": 3}}))
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
-    assert profiler.main(["-d", "7", "-c", "2d", "--rows", "cnn", "--no-time", "--out", str(tmp_path / "o")]) == 0
+    assert command.main(["-d", "7", "-c", "2d", "--rows", "cnn", "--no-time", "--out", str(tmp_path / "o")]) == 0
     result = json.loads((tmp_path / "o" / "profile.json").read_text())
     assert (result["input_channels"], result["num_classes"], result["batch"]) == (2, 4, 3)
     assert all(r["status"] == "ok" and r["saved_bytes"] > 0 and r["eager_s"] is None for r in result["rows"])
