@@ -13,11 +13,10 @@ checkpoint them), so ``--c`` resumes with the right rates.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch.optim import Optimizer
 
+from .clipping import clip_without
 from .nnUNetTrainerAllUKAN import EpochCosineLRScheduler, split_spline_parameters
 
 
@@ -98,29 +97,6 @@ class EpochPolyLRScheduler(EpochCosineLRScheduler):
 
     def _epoch_of(self, current_step):
         return getattr(self, "_ctr", 1) - 1 if current_step is None or current_step == -1 else current_step
-
-
-@contextlib.contextmanager
-def clip_without(parameters_to_skip: list[torch.Tensor]):
-    """Within the block, torch.nn.utils.clip_grad_norm_ ignores ``parameters_to_skip``.
-
-    nnU-Net's train_step calls ``torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)``; this keeps that
-    call (and the loop around it) as it is and only narrows what it clips. The original function is restored on
-    exit, also on errors.
-    """
-    original = torch.nn.utils.clip_grad_norm_
-    skip = {id(p) for p in parameters_to_skip}
-
-    def clip(parameters, *args, **kwargs):
-        if isinstance(parameters, torch.Tensor):
-            parameters = [parameters]
-        return original([p for p in parameters if id(p) not in skip], *args, **kwargs)
-
-    torch.nn.utils.clip_grad_norm_ = clip
-    try:
-        yield
-    finally:
-        torch.nn.utils.clip_grad_norm_ = original
 
 
 class SplineParameterGroup:

@@ -12,7 +12,6 @@ epoch, and a norm per parameter group each iteration). Per epoch it appends one 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics as stats
@@ -20,6 +19,8 @@ import statistics as stats
 import torch
 
 from nnunetv2_allukan.layers import KAModule
+
+from .clipping import recording_clip_norm
 
 NNUNET_CLIP_NORM = 12.0
 PARAMETER_KINDS = ("spline_coef", "base_weight", "weight", "bias", "norm")
@@ -62,27 +63,6 @@ def ka_layer_snapshot(network: torch.nn.Module) -> dict[str, dict]:
                          "base_weight": float(act.base_weight.detach().float().mean()),
                          "max_spline_slope": spline_max_slope(act)}
     return out
-
-
-@contextlib.contextmanager
-def recording_clip_norm(kinds: dict[str, list[torch.Tensor]], record: list):
-    """Within the block, every torch.nn.utils.clip_grad_norm_ call also appends (total norm, {kind: norm²})."""
-    original = torch.nn.utils.clip_grad_norm_
-
-    def clip(parameters, max_norm, *args, **kwargs):
-        squared = {}
-        for kind, params in kinds.items():
-            grads = [p.grad.detach().float() for p in params if p.grad is not None]
-            squared[kind] = float(sum((g * g).sum() for g in grads)) if grads else 0.0
-        total = original(parameters, max_norm, *args, **kwargs)
-        record.append((float(total), squared, float(max_norm)))
-        return total
-
-    torch.nn.utils.clip_grad_norm_ = clip
-    try:
-        yield
-    finally:
-        torch.nn.utils.clip_grad_norm_ = original
 
 
 class KAStatistics:

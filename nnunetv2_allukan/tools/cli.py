@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_crossval)
-    p = sub.add_parser("make-dataset", help="build a real-data nnU-Net raw dataset (ICBM152 from nilearn)")
-    p.add_argument("kind", choices=["icbm2d", "icbm3d"])
+    p = sub.add_parser("make-dataset", help="build a real-data nnU-Net raw dataset (ICBM152 from nilearn; a "
+                                            "10-class parcellation from deepmriprep)")
+    p.add_argument("kind", choices=["icbm2d", "icbm3d", "parcellation2d"])
     p.add_argument("--raw", help="nnUNet_raw folder (default: $nnUNet_raw)")
     p.add_argument("--preprocessed", help="nnUNet_preprocessed folder for splits_final.json "
                                           "(default: $nnUNet_preprocessed)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..data import templates
+from ..data import parcellation, templates
 from .nnunet_commands import require_env
 
 
@@ -17,11 +17,14 @@ def make_dataset(args) -> int:
     if args.kind == "icbm2d":
         info = templates.make_icbm152_2d(raw, args.dataset_id or 501, downsample=args.downsample,
                                          cross_template=not args.no_cross_template, overwrite=args.overwrite)
+    elif args.kind == "parcellation2d":
+        info = parcellation.make_parcellation_2d(raw, args.dataset_id or 504, downsample=args.downsample,
+                                                 overwrite=args.overwrite)
     else:
         info = templates.make_icbm152_3d(raw, args.dataset_id or 503, downsample=args.downsample,
                                          overwrite=args.overwrite)
     print(f"{info['folder']}: {len(info['cases'])} training cases, {len(info.get('test_cases', []))} test cases")
-    if args.kind == "icbm2d":
+    if args.kind in ("icbm2d", "parcellation2d"):
         # Neighbouring slices are near-duplicates: nnU-Net's random folds would leak, so write slab folds.
         preprocessed = args.preprocessed or os.environ.get("nnUNet_preprocessed")
         if preprocessed:
