@@ -206,8 +206,8 @@ class AllUKAN(nn.Module):
                            spline_init)
         conv_op, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs = \
             t.conv_op, t.norm_op, t.norm_op_kwargs, t.dropout_op, t.dropout_op_kwargs
-        dim, features, kernel_sizes, strides, n_conv, n_conv_dec = \
-            t.dim, t.features, t.kernel_sizes, t.strides, t.n_conv, t.n_conv_decoder
+        dim, features, kernel_sizes, strides, n_conv_dec = \
+            t.dim, t.features, t.kernel_sizes, t.strides, t.n_conv_decoder
         spline_kwargs = dict(spline_grad=spline_grad, share=share, grid_size=grid_size,
                              grid_range=tuple(float(v) for v in grid_range), impl=impl, activation=activation,
                              spline_init=spline_init)
@@ -216,30 +216,31 @@ class AllUKAN(nn.Module):
         block = dict(norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                      dropout_op_kwargs=dropout_op_kwargs, conv_bias=conv_bias, spline_kwargs=spline_kwargs)
 
-        def stage(c_in, c_out, kernel, first_stride, n_blocks, with_tokens):
-            blocks = [KAConvBlock(ka_conv, c_in if b == 0 else c_out, c_out, kernel,
-                                  first_stride if b == 0 else 1, **block) for b in range(n_blocks)]
-            if with_tokens:
-                blocks.append(TokenKABlock(c_out, dim, ka_conv, norm_op, norm_op_kwargs, conv_bias, spline_kwargs))
-            return nn.Sequential(*blocks)
-
-        enc = []
-        c_in = input_channels
-        for s in range(n_stages):
-            enc.append(stage(c_in, features[s], kernel_sizes[s], strides[s], n_conv[s], s >= first_token_stage))
-            c_in = features[s]
-        self.encoder = AllUKANEncoder(enc)
+        self.encoder = self.build_encoder(t, block, input_channels, first_token_stage)
 
         ups, dec, heads = [], [], []
         for s in range(n_stages - 2, -1, -1):
             ups.append(ka_up(features[s + 1], features[s], strides[s + 1], stride=strides[s + 1], bias=conv_bias,
                              **spline_kwargs))
             fused = 2 * features[s] if skip_mode == "concat" else features[s]
-            dec.append(stage(fused, features[s], kernel_sizes[s], 1, n_conv_dec[s], s >= first_token_stage))
+            dec.append(ka_stage(t, block, fused, features[s], kernel_sizes[s], 1, n_conv_dec[s],
+                                s >= first_token_stage))
             heads.append(ka_conv(features[s], num_classes, [1] * dim, bias=True, **spline_kwargs))
         self.decoder = AllUKANDecoder(ups, dec, heads, skip_mode, deep_supervision)
         self.num_classes = num_classes
         self.strides = strides
+
+    def build_encoder(self, t: PlansTopology, block: dict, input_channels: int, first_token_stage: int) -> nn.Module:
+        """Plain KA stages: stage s is ``n_conv[s]`` x [KAonv -> norm], the first with the stage's stride.
+
+        Called once from ``__init__``; ``AllUKANResEnc`` (architectures/resenc.py) builds residual stages here.
+        """
+        stages, c_in = [], input_channels
+        for s in range(t.n_stages):
+            stages.append(ka_stage(t, block, c_in, t.features[s], t.kernel_sizes[s], t.strides[s], t.n_conv[s],
+                                   s >= first_token_stage))
+            c_in = t.features[s]
+        return AllUKANEncoder(stages)
 
     def forward(self, x):
         return self.decoder(self.encoder(x))
@@ -247,6 +248,26 @@ class AllUKAN(nn.Module):
     @staticmethod
     def initialize(module):
         InitWeights_He(1e-2)(module)
+
+
+def token_ka_block(t: PlansTopology, block: dict, channels: int) -> TokenKABlock:
+    """The tokenised KA block of a stage, with the network's norm, bias and spline keywords (``block``)."""
+    return TokenKABlock(channels, t.dim, KA_CONV_FOR[t.conv_op], block["norm_op"], block["norm_op_kwargs"],
+                        block["conv_bias"], block["spline_kwargs"])
+
+
+def ka_stage(t: PlansTopology, block: dict, c_in: int, c_out: int, kernel, first_stride, n_blocks: int,
+             with_tokens: bool) -> nn.Sequential:
+    """``n_blocks`` x [KAonv -> norm] (the first with ``first_stride``), then a tokenised KA block if asked.
+
+    ``block`` holds the KAConvBlock keywords: norm and dropout ops, ``conv_bias``, ``spline_kwargs``.
+    """
+    ka_conv = KA_CONV_FOR[t.conv_op]
+    blocks = [KAConvBlock(ka_conv, c_in if b == 0 else c_out, c_out, kernel, first_stride if b == 0 else 1, **block)
+              for b in range(n_blocks)]
+    if with_tokens:
+        blocks.append(token_ka_block(t, block, c_out))
+    return nn.Sequential(*blocks)
 
 
 def _locate(op, network_name: str = "AllUKAN"):
@@ -273,4 +294,4 @@ def count_parameters(module: nn.Module) -> int:
 
 
 __all__ = ["AllUKAN", "TokenKABlock", "KAConvBlock", "count_parameters", "validate_ka_kwargs", "SKIP_MODES",
-           "PlansTopology", "parse_plans", "validate_topology_kwargs"]
+           "PlansTopology", "parse_plans", "validate_topology_kwargs", "ka_stage", "token_ka_block"]

@@ -35,6 +35,7 @@ def plans_arch(dim, n_stages, strides, kernels=None, features=None):
 
 
 REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 CASES = {
     "2d_nonsquare": (plans_arch(2, 4, [[1, 1], [2, 2], [2, 2], [2, 2]]), (2, 1, 48, 80)),
     "2d_aniso_strides": (plans_arch(2, 3, [[1, 1], [1, 2], [2, 2]]), (2, 2, 16, 40)),
@@ -176,7 +177,8 @@ def test_residual_encoder_plans_are_accepted():
 def test_trainer_builder_is_callable_on_the_class():
     """nnU-Net's predictor calls build_network_architecture on the class, with the 2.8 signature."""
     arch, shape = CASES["2d_nonsquare"]
-    cm = types.SimpleNamespace(network_arch_init_kwargs=arch, network_arch_init_kwargs_req_import=REQ_IMPORT)
+    cm = types.SimpleNamespace(network_arch_class_name=PLAIN_CONV_UNET, network_arch_init_kwargs=arch,
+                               network_arch_init_kwargs_req_import=REQ_IMPORT)
     net = nnUNetTrainerAllUKAN.build_network_architecture(None, cm, 1, 4, False)
     assert isinstance(net, AllUKAN) and net(torch.randn(shape)).shape == (2, 4, 48, 80)
 

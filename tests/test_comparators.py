@@ -192,7 +192,8 @@ def test_skip_add_and_no_token_stages():
 def test_trainer_builds_from_the_plans_on_the_class(trainer, network_class):
     """nnU-Net's predictor calls build_network_architecture on the class (2.8 signature), with DS off."""
     arch, shape = CASES["2d_nonsquare"]
-    cm = types.SimpleNamespace(network_arch_init_kwargs=arch, network_arch_init_kwargs_req_import=REQ_IMPORT)
+    cm = types.SimpleNamespace(network_arch_class_name="dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                               network_arch_init_kwargs=arch, network_arch_init_kwargs_req_import=REQ_IMPORT)
     net = trainer.build_network_architecture(None, cm, shape[1], 4, False)
     assert type(net) is network_class and net.decoder.deep_supervision is False
     assert net(torch.randn(shape)).shape == (shape[0], 4) + shape[2:]
@@ -203,7 +204,9 @@ def test_trainers_accept_residual_encoder_plans():
     arch = dict(CASES["2d_nonsquare"][0])
     arch["n_blocks_per_stage"] = arch.pop("n_conv_per_stage")
     arch["block"] = "dynamic_network_architectures.building_blocks.residual.BasicBlockD"
-    cm = types.SimpleNamespace(network_arch_init_kwargs=arch, network_arch_init_kwargs_req_import=REQ_IMPORT)
+    cm = types.SimpleNamespace(network_arch_class_name="dynamic_network_architectures.architectures.unet."
+                                                       "ResidualEncoderUNet",
+                               network_arch_init_kwargs=arch, network_arch_init_kwargs_req_import=REQ_IMPORT)
     assert isinstance(nnUNetTrainerUKAN.build_network_architecture(None, cm, 1, 2, True), UKAN)
 
 
