@@ -29,6 +29,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import spline
+from .kernels import BACKENDS, resolve_backend
 
 SHARE_MODES = ("layer", "channel")
 SPLINE_GRAD_MODES = ("free", "exact")
@@ -52,13 +53,6 @@ def _channel_shape(x: torch.Tensor, channel_dim: int) -> list[int]:
     return shape
 
 
-def _reduce_to_channels(t: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
-    if channel_dim is None:
-        return t.sum().reshape(1)
-    dim = channel_dim % t.dim()
-    return t.sum(dim=[d for d in range(t.dim()) if d != dim])
-
-
 class SplineConfig(NamedTuple):
     """Everything but tensors that the custom-Function evaluation of phi needs."""
     lo: float
@@ -67,67 +61,166 @@ class SplineConfig(NamedTuple):
     channel_dim: int | None  # None: one spline for the whole layer
     exact: bool
     base: str = "silu"
+    backend: str = "torch"  # "torch" or "triton", resolved for the input (kernels.resolve_backend)
+
+
+# Values per piece of the torch path. Its ~10 temporaries (lookup, gathers, base function) are then piece-sized
+# rather than input-sized, which bounds a KA layer's transient memory (DESIGN.md §9), and each elementwise pass
+# stays in cache. None: the whole input at once (the unbounded control of the memory test).
+TORCH_PIECE_ELEMENTS: int | None = 1 << 18
 
 
 class SplineEvaluation:
-    """phi(x) and its gradients from the interval table for one input.
+    """phi(x) and its gradients for one input, by the Triton kernels or the torch path.
 
-    The interval lookup, sigmoid and silu are computed once and shared, so a backward pass that first needs
-    phi(x) again (the fused KA layers) and then the gradients makes one lookup, not two.
+    The torch path works piece by piece on the ``(A, C, B)`` memory-order view of x (``spline.MemoryLayout``) and
+    writes into preallocated outputs; the lookup is recomputed per piece in backward (a few cheap passes) instead of
+    being kept input-sized between phi's recomputation and the gradients.
     """
 
     def __init__(self, x: torch.Tensor, table: torch.Tensor, base_weight: torch.Tensor, config: SplineConfig):
         self.x, self.table, self.base_weight, self.config = x, table, base_weight, config
-        self.x32 = x.to(_compute_dtype(x))
-        self._lookup = self._base = self._base_slope = None
 
-    @property
-    def lookup(self) -> spline.IntervalLookup:
-        if self._lookup is None:
-            c = self.config
-            self._lookup = spline.IntervalLookup(self.x32, c.lo, c.inv_h, c.grid_size,
-                                                 _table_offsets(self.x32, self.table, c.channel_dim))
-        return self._lookup
-
-    def _base_function(self):
-        """(b(x), b'(x)) of the base function, computed once per evaluation."""
-        if self._base is None:
-            if self.config.base == "leakyrelu":
-                self._base = F.leaky_relu(self.x32, LEAKY_SLOPE)
-                self._base_slope = torch.where(self.x32 > 0, 1.0, LEAKY_SLOPE).to(self.x32.dtype)
-            else:
-                sig = torch.sigmoid(self.x32)
-                self._base = self.x32 * sig
-                # silu'(x) = sig + silu * (1 - sig)
-                self._base_slope = torch.addcmul(sig, self._base, 1.0 - sig)
-        return self._base, self._base_slope
-
-    def _base_weight(self) -> torch.Tensor:
+    def values(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """phi(x) in ``dtype`` (default: the compute dtype, fp32 for half inputs)."""
         c = self.config
-        return self.base_weight if c.channel_dim is None else \
-            self.base_weight.reshape(_channel_shape(self.x32, c.channel_dim))
-
-    def values(self) -> torch.Tensor:
-        """phi(x) in the compute dtype (fp32 for half inputs)."""
-        return torch.addcmul(spline.spline_from_table(self.lookup, self.table), self._base_function()[0],
-                             self._base_weight())
+        dtype = dtype or _compute_dtype(self.x)
+        if c.backend == "triton":
+            return _kernel_ops().spline_phi(self.x, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim,
+                                            c.base, LEAKY_SLOPE, dtype)
+        layout = spline.MemoryLayout(self.x, c.channel_dim)
+        out = layout.empty(dtype)
+        out2 = _planes(layout.view3(out))
+        for piece in self._pieces(layout):
+            piece.values(out2[piece.index])
+        return out
 
     def gradients(self, grad_phi: torch.Tensor, need_x: bool, need_table: bool, need_base_weight: bool):
         """(dL/dx, dL/dtable, dL/dbase_weight) for the upstream gradient dL/dphi; None where not needed."""
         c = self.config
-        g = grad_phi.to(self.x32.dtype)
-        grad_x = grad_table = grad_wb = None
-        base, base_slope = self._base_function()
-        if need_x:
-            slope = base_slope * self._base_weight()
-            if c.exact:
-                slope = slope + spline.spline_slope_from_table(self.lookup, self.table, c.inv_h)
-            grad_x = (g * slope).to(self.x.dtype)
-        if need_table:
-            grad_table = spline.table_gradient(self.lookup, g, self.table.shape)
-        if need_base_weight:
-            grad_wb = _reduce_to_channels(g * base, c.channel_dim)
-        return grad_x, grad_table, grad_wb
+        need_params = need_table or need_base_weight
+        if c.backend == "triton":
+            grad_x, grad_table, grad_wb = _kernel_ops().spline_phi_backward(
+                self.x, grad_phi, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE,
+                c.exact, need_x, need_params)
+        else:
+            grad_x, grad_table, grad_wb = self._torch_gradients(grad_phi, need_x, need_params)
+        return (grad_x if need_x else None, grad_table if need_table else None,
+                grad_wb if need_base_weight else None)
+
+    def _torch_gradients(self, grad_phi: torch.Tensor, need_x: bool, need_params: bool):
+        layout = spline.MemoryLayout(self.x, self.config.channel_dim)
+        g2 = _planes(layout.view3(layout.like(grad_phi)))
+        grad_x = layout.empty(self.x.dtype) if need_x else None
+        grad_x2 = _planes(layout.view3(grad_x)) if need_x else None
+        dtype = self.table.dtype
+        table_acc = torch.zeros(4, self.table.shape[0] * self.table.shape[1], dtype=dtype, device=self.x.device)
+        wb_acc = torch.zeros(self.table.shape[0], dtype=dtype, device=self.x.device)
+        for piece in self._pieces(layout):
+            g = g2[piece.index].to(dtype)
+            if need_x:
+                piece.write_grad_x(g, grad_x2[piece.index])
+            if need_params:
+                spline.accumulate_table_gradient(piece.lookup, g, table_acc)
+                piece.add_to_channels(wb_acc, (g * piece.base()).sum(dim=1))
+        if not need_params:
+            return grad_x, None, None
+        return grad_x, table_acc.t().reshape(self.table.shape), wb_acc
+
+    def _pieces(self, layout: spline.MemoryLayout):
+        x2 = _planes(layout.view3(layout.x))
+        n_channels = layout.shape3[1]
+        for planes, positions in _piece_slices(*x2.shape, TORCH_PIECE_ELEMENTS):
+            yield _Piece(self, x2[planes, positions], planes, positions, n_channels)
+
+
+def _planes(t3: torch.Tensor) -> torch.Tensor:
+    """(A, C, B) -> (A*C, B): plane p holds channel p % C."""
+    return t3.reshape(-1, t3.shape[2])
+
+
+def _piece_slices(n_planes: int, plane_size: int, piece: int | None):
+    """(plane slice, position slice) pieces of about ``piece`` values of the plane view, in memory order; one
+    piece for all when ``piece`` is None or under torch.compile (which fuses the passes itself)."""
+    if piece is None or n_planes * plane_size <= piece or torch.compiler.is_compiling():
+        yield slice(0, n_planes), slice(0, plane_size)
+    elif plane_size >= piece:
+        for p in range(n_planes):
+            for start in range(0, plane_size, piece):
+                yield slice(p, p + 1), slice(start, min(start + piece, plane_size))
+    else:
+        step = piece // plane_size
+        for p in range(0, n_planes, step):
+            yield slice(p, min(p + step, n_planes)), slice(0, plane_size)
+
+
+class _Piece:
+    """One piece of the torch path: its values, lookup and base function, and the parameters of its planes."""
+
+    def __init__(self, evaluation: SplineEvaluation, x: torch.Tensor, planes: slice, positions: slice,
+                 n_channels: int):
+        c = evaluation.config
+        self.config, self.table, self.index = c, evaluation.table, (planes, positions)
+        self.x = x.to(self.table.dtype)
+        rows_per_channel = self.table.shape[1]
+        if c.channel_dim is None:
+            self.channels, offsets, self.base_weight = None, None, evaluation.base_weight
+        elif planes.stop - planes.start == 1:
+            self.channels = planes.start % n_channels
+            offsets, self.base_weight = self.channels * rows_per_channel, evaluation.base_weight[self.channels]
+        else:
+            self.channels = torch.arange(planes.start, planes.stop, device=x.device) % n_channels
+            offsets = (self.channels * rows_per_channel).int()[:, None]
+            self.base_weight = evaluation.base_weight[self.channels][:, None]
+        self.lookup = spline.IntervalLookup(self.x, c.lo, c.inv_h, c.grid_size, offsets)
+        self._base = None
+
+    def values(self, out: torch.Tensor):
+        """Write phi of the piece into ``out`` (directly when it has the compute dtype: no extra pass)."""
+        spline_part = spline.spline_from_table(self.lookup, self.table)
+        if out.dtype == spline_part.dtype:
+            torch.addcmul(spline_part, self.base(), self.base_weight, out=out)
+        else:
+            out.copy_(torch.addcmul(spline_part, self.base(), self.base_weight))
+
+    def write_grad_x(self, g: torch.Tensor, out: torch.Tensor):
+        if out.dtype == g.dtype:
+            torch.mul(g, self.slope(), out=out)
+        else:
+            out.copy_(g * self.slope())
+
+    def base(self) -> torch.Tensor:
+        if self._base is None:
+            self._base = F.leaky_relu(self.x, LEAKY_SLOPE) if self.config.base == "leakyrelu" else F.silu(self.x)
+        return self._base
+
+    def slope(self) -> torch.Tensor:
+        """dphi/dx: w_b b'(x), plus S'(x) for exact gradients."""
+        if self.config.base == "leakyrelu":
+            base_slope = torch.where(self.x > 0, 1.0, torch.tensor(LEAKY_SLOPE, dtype=self.x.dtype))
+        else:
+            sig = torch.sigmoid(self.x)
+            self._base = self.x * sig
+            base_slope = torch.addcmul(sig, self._base, 1.0 - sig)  # silu'(x) = sig + silu(x) (1 - sig)
+        slope = base_slope * self.base_weight
+        if self.config.exact:
+            slope += spline.spline_slope_from_table(self.lookup, self.table, self.config.inv_h)
+        return slope
+
+    def add_to_channels(self, acc: torch.Tensor, per_plane: torch.Tensor):
+        """Add per-plane sums to their channels' entries of ``acc`` (one entry for a layer-shared spline)."""
+        if self.channels is None:
+            acc += per_plane.sum()
+        elif isinstance(self.channels, int):
+            acc[self.channels] += per_plane.sum()
+        else:
+            acc.index_add_(0, self.channels, per_plane)
+
+
+def _kernel_ops():
+    from .kernels import ops  # imports triton: only when the Triton backend is used
+
+    return ops
 
 
 class _SharedSplineFunction(torch.autograd.Function):
@@ -137,20 +230,13 @@ class _SharedSplineFunction(torch.autograd.Function):
     def forward(ctx, x, table, base_weight, config):
         ctx.save_for_backward(x, table, base_weight)
         ctx.config = config
-        return SplineEvaluation(x, table, base_weight, config).values().to(x.dtype)
+        return SplineEvaluation(x, table, base_weight, config).values(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, table, base_weight = ctx.saved_tensors
         grads = SplineEvaluation(x, table, base_weight, ctx.config).gradients(grad_out, *ctx.needs_input_grad[:3])
         return (*grads, None)
-
-
-def _table_offsets(x: torch.Tensor, table: torch.Tensor, channel_dim: int | None):
-    if channel_dim is None:
-        return None
-    rows = table.shape[1]
-    return (torch.arange(table.shape[0], device=x.device) * rows).reshape(_channel_shape(x, channel_dim))
 
 
 class SharedSplineActivation(nn.Module):
@@ -172,18 +258,24 @@ class SharedSplineActivation(nn.Module):
         spline_init: ``"silu-noise"`` (base silu, c ~ N(0, init_scale²)) or ``"leakyrelu"`` (base
             leaky_relu(x, 0.01), c = 0: phi starts as nnU-Net's nonlinearity exactly).
         init_scale: standard deviation of the initial spline coefficients for ``spline_init="silu-noise"``.
+        backend: who evaluates phi and its gradients for ``impl="function"``: ``"triton"`` (the fused kernels of
+            ``nnunetv2_allukan.kernels``: one pass forward, one backward, deterministic), ``"torch"`` (the
+            reference path, any device) or ``"auto"`` (Triton for CUDA tensors when triton is installed, else
+            torch). Both give the same values and gradients up to rounding.
     """
 
     def __init__(self, num_channels: int | None = None, grid_size: int = 5,
                  grid_range: tuple[float, float] = (-3.0, 3.0), share: str = "layer", spline_grad: str = "free",
                  channel_dim: int = 1, impl: str = "function", init_scale: float = 0.1,
-                 activation: str = "spline", spline_init: str = "silu-noise"):
+                 activation: str = "spline", spline_init: str = "silu-noise", backend: str = "auto"):
         super().__init__()
         for name, value, allowed in (("share", share, SHARE_MODES), ("spline_grad", spline_grad, SPLINE_GRAD_MODES),
                                      ("impl", impl, IMPLEMENTATIONS), ("activation", activation, ACTIVATIONS),
-                                     ("spline_init", spline_init, SPLINE_INITS)):
+                                     ("spline_init", spline_init, SPLINE_INITS), ("backend", backend, BACKENDS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; allowed values: {allowed}")
+        if impl == "plain" and backend == "triton":
+            raise ValueError("backend='triton' evaluates the custom Function: it needs impl='function'")
         lo, hi = spline.validate_grid(grid_size, grid_range)
         if share == "channel":
             if num_channels is None or int(num_channels) < 1:
@@ -199,7 +291,8 @@ class SharedSplineActivation(nn.Module):
         self.spline_grad = spline_grad
         self.channel_dim = channel_dim
         self.impl = impl
-        self.activation = activation
+        self.backend = backend
+        self.kind = activation  # "spline" or a fixed control (not .activation: KA layers own that name)
         self.spline_init = spline_init
         if activation == "spline":
             self.base = "leakyrelu" if spline_init == "leakyrelu" else "silu"
@@ -220,7 +313,7 @@ class SharedSplineActivation(nn.Module):
 
     @property
     def learnable(self) -> bool:
-        return self.activation == "spline"
+        return self.kind == "spline"
 
     @property
     def inv_h(self) -> float:
@@ -229,8 +322,8 @@ class SharedSplineActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_channels={self.num_channels}, grid_size={self.grid_size}, grid_range={self.grid_range}, "
-                f"share={self.share!r}, spline_grad={self.spline_grad!r}, activation={self.activation!r}, "
-                f"base={self.base!r}")
+                f"share={self.share!r}, spline_grad={self.spline_grad!r}, activation={self.kind!r}, "
+                f"base={self.base!r}, backend={self.backend!r}")
 
     def _check_input(self, x: torch.Tensor):
         if self.share == "channel":
@@ -252,7 +345,7 @@ class SharedSplineActivation(nn.Module):
         dtype = _compute_dtype(x)
         config = SplineConfig(self.grid_range[0], self.inv_h, self.grid_size,
                               self.channel_dim if self.share == "channel" else None, self.spline_grad == "exact",
-                              self.base)
+                              self.base, resolve_backend(self.backend, x))
         return spline.spline_table(self.coef.to(dtype)), self.base_weight.to(dtype), config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ class _KAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, table, base_weight, weight, bias, spline_config, op, dtype):
-        phi = SplineEvaluation(x, table, base_weight, spline_config).values().to(dtype)
+        phi = SplineEvaluation(x, table, base_weight, spline_config).values(dtype)
         out = op.forward(phi, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, table, base_weight, weight)
         ctx.spline_config, ctx.op, ctx.dtype, ctx.has_bias = spline_config, op, dtype, bias is not None
@@ -76,7 +76,7 @@ class _KAFunction(torch.autograd.Function):
         need_x, need_table, need_wb, need_weight, need_bias = ctx.needs_input_grad[:5]
         need_phi = need_x or need_table or need_wb
         evaluation = SplineEvaluation(x, table, base_weight, ctx.spline_config)
-        phi = evaluation.values().to(ctx.dtype)
+        phi = evaluation.values(ctx.dtype)
         grad_phi, grad_weight, grad_bias = ctx.op.backward(grad_out.to(ctx.dtype), phi, weight.to(ctx.dtype),
                                                            ctx.has_bias, [need_phi, need_weight, need_bias])
         del phi

@@ -6,6 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU the Triton kernels are tested through Triton's interpreter, which must be chosen before triton is
+# first imported (its own library functions are decorated then), i.e. here, before any test module imports
+# torch._dynamo. Only Triton GPU code reads the variable (inductor's CPU code does not), so no other test changes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from nnunetv2_allukan.data.synthetic import make_2d_dataset, make_3d_dataset
 
 # Two cores in CI: keep torch from oversubscribing them.

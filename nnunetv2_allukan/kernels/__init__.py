@@ -1,0 +1,47 @@
+"""GPU kernels of the shared spline activation (DESIGN.md §9).
+
+* ``triton_spline``: the Triton kernels (phi in one pass; dL/dx, table and base-weight gradients in another);
+* ``ops``: the ``torch.library`` custom ops ``allukan::spline_phi`` / ``allukan::spline_phi_backward`` around them,
+  which the activation's autograd Functions call and ``torch.compile`` sees as one opaque op each.
+
+Importing this package loads neither triton nor the kernels; ``resolve_backend`` decides, per input, whether the
+torch path or the kernels evaluate the spline.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+BACKENDS = ("auto", "torch", "triton")
+# Looked up once (without importing triton), so that resolve_backend stays a constant under torch.compile.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """Whether the kernels run through Triton's interpreter (on CPU tensors): fixed when they are first imported,
+    by ``TRITON_INTERPRET=1``."""
+    kernels = sys.modules.get(__name__ + ".triton_spline")
+    if kernels is not None:
+        return kernels.INTERPRETED
+    if not TRITON_INSTALLED:
+        return False
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def resolve_backend(backend: str, x) -> str:
+    """"torch" or "triton" for input ``x``: "auto" takes the kernels for CUDA tensors when triton is installed."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if x.is_cuda and TRITON_INSTALLED else "torch"
+    if x.is_cuda:
+        if not TRITON_INSTALLED:
+            raise RuntimeError("backend='triton' needs the triton package (it ships with torch's Linux CUDA wheels)")
+        return "triton"
+    if not interpreter_enabled():
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors; got a {x.device.type} tensor. On the CPU it runs "
+                           "only through Triton's interpreter (tests): set TRITON_INTERPRET=1 before "
+                           "nnunetv2_allukan.kernels.triton_spline is first imported. Use backend='auto' or 'torch'.")
+    return "triton"

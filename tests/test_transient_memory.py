@@ -1,0 +1,70 @@
+"""Transient memory of a KA layer's forward+backward on the torch path (CPU), against Conv + LeakyReLU.
+
+The issue's measure: peak RSS growth during one forward+backward of a 1x1 layer, 64 channels, 1x64x512x512 fp32,
+each in a fresh process. The torch path evaluates the spline in cache-sized pieces
+(``activation.TORCH_PIECE_ELEMENTS``), so its temporaries no longer scale with the input; the control evaluates
+the whole input at once (as before the pieces) and must exceed the bound, which shows the measure can fail.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+MEASURE = r"""
+import json, resource, sys
+import torch
+from torch import nn
+import nnunetv2_allukan.activation as activation
+from nnunetv2_allukan.layers import KAonv2d
+
+torch.set_num_threads(1)
+kind, pieces = sys.argv[1], sys.argv[2]
+if pieces != "default":
+    activation.TORCH_PIECE_ELEMENTS = None if pieces == "None" else int(pieces)
+x = torch.randn(1, 64, 512, 512, requires_grad=True)
+if kind == "conv+leakyrelu":
+    conv = nn.Conv2d(64, 64, 1)
+    step = lambda: conv(nn.functional.leaky_relu(x, 0.01)).sum().backward()
+else:
+    spline_grad, share = kind.split("/")
+    layer = KAonv2d(64, 64, 1, spline_grad=spline_grad, share=share)
+    step = lambda: layer(x).sum().backward()
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+def max_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+try:  # reset the peak (VmHWM) to the current RSS, so that the peak below belongs to the step alone
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    peak_was_reset = True
+except OSError:
+    peak_was_reset = False
+before = status("VmRSS") if peak_was_reset else max(status("VmRSS"), max_rss())
+step()
+peak = status("VmHWM") if peak_was_reset else max_rss()
+print(json.dumps({"growth": (peak - before) / (x.numel() * 4)}))
+"""
+
+
+def _growth(kind: str, pieces: str = "default") -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", MEASURE, kind, pieces], env=env, capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])["growth"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak RSS from /proc (Linux)")
+def test_ka_layer_transient_memory_within_1_5x_conv_leakyrelu():
+    conv = _growth("conv+leakyrelu")
+    ka = {kind: _growth(kind) for kind in ("free/layer", "exact/channel")}
+    control = _growth("free/layer", "None")
+    print(f"peak RSS growth / input size: conv+leakyrelu {conv:.2f}, KA {ka}, KA unbounded control {control:.2f}")
+    for kind, growth in ka.items():
+        assert growth <= 1.5 * conv, (kind, growth, conv)
+    assert control > 1.5 * conv, (control, conv)
