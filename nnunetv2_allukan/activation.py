@@ -29,7 +29,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import spline
-from .kernels import BACKENDS, resolve_backend
+from .kernels import BACKENDS, default_backend, resolve_backend
 
 SHARE_MODES = ("layer", "channel")
 SPLINE_GRAD_MODES = ("free", "exact")
@@ -65,9 +65,12 @@ class SplineConfig(NamedTuple):
 
 
 # Values per piece of the torch path. Its ~10 temporaries (lookup, gathers, base function) are then piece-sized
-# rather than input-sized, which bounds a KA layer's transient memory (DESIGN.md §9), and each elementwise pass
-# stays in cache. None: the whole input at once (the unbounded control of the memory test).
+# rather than input-sized, which bounds a KA layer's transient memory (DESIGN.md §9), and on the CPU each
+# elementwise pass stays in cache. On GPUs (where the Triton kernels are the default) pieces are larger, so that
+# the ~40 kernel launches per piece stay negligible. None: the whole input at once (the unbounded control of the
+# memory test).
 TORCH_PIECE_ELEMENTS: int | None = 1 << 18
+TORCH_PIECE_ELEMENTS_GPU: int | None = 1 << 24
 
 
 class SplineEvaluation:
@@ -130,7 +133,8 @@ class SplineEvaluation:
     def _pieces(self, layout: spline.MemoryLayout):
         x2 = _planes(layout.view3(layout.x))
         n_channels = layout.shape3[1]
-        for planes, positions in _piece_slices(*x2.shape, TORCH_PIECE_ELEMENTS):
+        piece = TORCH_PIECE_ELEMENTS if self.x.device.type == "cpu" else TORCH_PIECE_ELEMENTS_GPU
+        for planes, positions in _piece_slices(*x2.shape, piece):
             yield _Piece(self, x2[planes, positions], planes, positions, n_channels)
 
 
@@ -261,7 +265,8 @@ class SharedSplineActivation(nn.Module):
         backend: who evaluates phi and its gradients for ``impl="function"``: ``"triton"`` (the fused kernels of
             ``nnunetv2_allukan.kernels``: one pass forward, one backward, deterministic), ``"torch"`` (the
             reference path, any device) or ``"auto"`` (Triton for CUDA tensors when triton is installed, else
-            torch). Both give the same values and gradients up to rounding.
+            torch; $ALLUKAN_SPLINE_BACKEND, when set, replaces "auto"). Both give the same values and gradients up
+            to rounding.
     """
 
     def __init__(self, num_channels: int | None = None, grid_size: int = 5,
@@ -276,6 +281,8 @@ class SharedSplineActivation(nn.Module):
                 raise ValueError(f"{name}={value!r} is not supported; allowed values: {allowed}")
         if impl == "plain" and backend == "triton":
             raise ValueError("backend='triton' evaluates the custom Function: it needs impl='function'")
+        if backend == "auto":
+            backend = default_backend()
         lo, hi = spline.validate_grid(grid_size, grid_range)
         if share == "channel":
             if num_channels is None or int(num_channels) < 1:

@@ -11,6 +11,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import nnunetv2_allukan.activation as activation
+from nnunetv2_allukan.layers import KAonv2d
 
 MEASURE = r"""
 import json, resource, sys
@@ -68,3 +72,30 @@ def test_ka_layer_transient_memory_within_1_5x_conv_leakyrelu():
     for kind, growth in ka.items():
         assert growth <= 1.5 * conv, (kind, growth, conv)
     assert control > 1.5 * conv, (control, conv)
+
+
+def _layer_grads(layer, x):
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape))
+    return [y, x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("piece", [7, 100])  # pieces within one plane (of 5x6 = 30 values) / of several planes
+@pytest.mark.parametrize("spline_grad", ["free", "exact"])
+@pytest.mark.parametrize("share", ["layer", "channel"])
+def test_pieces_give_the_values_and_gradients_of_one_pass(monkeypatch, share, spline_grad, piece, channels_last):
+    layer = KAonv2d(3, 2, 3, padding=1, share=share, spline_grad=spline_grad, backend="torch").double()
+    with torch.no_grad():
+        layer.activation.coef.normal_()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64) * 3
+    x.view(-1)[:2] = torch.tensor([float("nan"), 50.0])
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    monkeypatch.setattr(activation, "TORCH_PIECE_ELEMENTS", None)
+    whole = _layer_grads(layer, x)
+    monkeypatch.setattr(activation, "TORCH_PIECE_ELEMENTS", piece)
+    for a, b in zip(whole, _layer_grads(layer, x)):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, equal_nan=True)

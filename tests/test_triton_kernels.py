@@ -242,7 +242,7 @@ def test_compiled_layer_sees_one_custom_op_per_direction():
     assert targets[1].count("allukan.spline_phi_backward.default") == 1, targets[1]
 
 
-def test_backend_option():
+def test_backend_option(monkeypatch):
     x = torch.randn(2, 3)
     assert SharedSplineActivation(backend="auto").function_inputs(x)[2].backend == "torch"  # CPU tensor
     assert SharedSplineActivation(backend="torch").function_inputs(x.to(DEVICE))[2].backend == "torch"
@@ -252,6 +252,13 @@ def test_backend_option():
     with pytest.raises(ValueError, match="impl='function'"):
         SharedSplineActivation(backend="triton", impl="plain")
     assert KAonv2d(3, 4, 1, backend="torch").activation.backend == "torch"
+    # The environment chooses for "auto" (networks built by nnU-Net trainers), explicit choices stay.
+    monkeypatch.setenv("ALLUKAN_SPLINE_BACKEND", "torch")
+    assert SharedSplineActivation().backend == "torch"
+    assert SharedSplineActivation(backend="triton").backend == "triton"
+    monkeypatch.setenv("ALLUKAN_SPLINE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="ALLUKAN_SPLINE_BACKEND"):
+        SharedSplineActivation()
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():

@@ -10,9 +10,13 @@ torch path or the kernels evaluate the spline.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 BACKENDS = ("auto", "torch", "triton")
+# Chooses the backend of every activation built with backend="auto", e.g. ALLUKAN_SPLINE_BACKEND=torch to train or
+# profile a network on a GPU with the torch path, without code changes (as nnU-Net's own nnUNet_compile).
+BACKEND_ENV = "ALLUKAN_SPLINE_BACKEND"
 # Looked up once (without importing triton), so that resolve_backend stays a constant under torch.compile.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -28,6 +32,14 @@ def interpreter_enabled() -> bool:
     import triton
 
     return bool(triton.knobs.runtime.interpret)
+
+
+def default_backend() -> str:
+    """What ``backend="auto"`` means at construction: $ALLUKAN_SPLINE_BACKEND if set, else "auto"."""
+    backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={backend!r} is not supported; allowed values: {BACKENDS}")
+    return backend
 
 
 def resolve_backend(backend: str, x) -> str:
