@@ -234,3 +234,11 @@ def test_statistics_file_and_log_line_per_epoch(nnunet, monkeypatch):
     assert sum(g["share_of_squared_norm"].values()) == pytest.approx(1.0)
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
     assert log.count("KA statistics: median over layers") == 2
+    # gradient fidelity at the first, middle and last epoch (here: epochs 0 and 1)
+    for e in entries:
+        fidelity = e["gradient_fidelity"]
+        assert -1.0 <= fidelity["overall"] <= 1.0 + 1e-9
+        # nnU-Net gives the lowest-resolution head a deep-supervision weight of 0: it gets no gradient at all
+        assert set(ka_layers) - set(fidelity["per_layer"]) == {"decoder.seg_layers.0"}
+        assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in fidelity["per_layer"].values())
+    assert log.count("Grad-Free Spline fidelity on the last batch") == 2

@@ -8,7 +8,10 @@ epoch, and a norm per parameter group each iteration). Per epoch it appends one 
   norm, mean base weight, and the spline's largest slope max |d/dx sum_j c_j B_j(x)|;
 * the global gradient norm that nnU-Net's ``clip_grad_norm_(…, 12)`` sees (before clipping), how often it exceeds
   the clip, and each parameter kind's share of the squared norm (spline coefficients, base weights, conv/linear
-  weights, biases, normalisation) — which groups dominate the norm.
+  weights, biases, normalisation) — which groups dominate the norm;
+* at the first, middle and last epoch: the gradient fidelity of the Grad-Free Spline on that epoch's last training
+  batch (cosine of free and exact gradients, overall and per layer; two extra forward+backward passes), so the
+  bias is known along a real run, not only at initialisation.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import statistics as stats
 
 import torch
 
+from nnunetv2_allukan.fidelity import gradient_fidelity
 from nnunetv2_allukan.layers import KAModule
 
 from .clipping import recording_clip_norm
@@ -92,6 +96,7 @@ class KAStatistics:
         return hook
 
     def train_step(self, batch: dict) -> dict:
+        self._last_batch = batch  # a reference only: the gradient-fidelity check reuses the epoch's last batch
         with recording_clip_norm(parameter_kinds(self._statistics_network()), self._clip_record):
             result = super().train_step(batch)
         for handle in self._outside_hooks:  # the first iteration of an epoch is sample enough
@@ -104,6 +109,13 @@ class KAStatistics:
         if self.local_rank != 0:
             return
         entry = self.ka_statistics_entry()
+        has_ka_layers = any(isinstance(m, KAModule) for m in self._statistics_network().modules())
+        if self.current_epoch in self.fidelity_epochs() and has_ka_layers and \
+                getattr(self, "_last_batch", None) is not None:
+            entry["gradient_fidelity"] = self._gradient_fidelity(self._last_batch)
+            self.print_to_log_file("Grad-Free Spline fidelity on the last batch: cosine(free, exact) overall "
+                                   f"{entry['gradient_fidelity']['overall']:.4f}, lowest layer "
+                                   f"{min(entry['gradient_fidelity']['per_layer'].values()):.4f}")
         with open(os.path.join(self.output_folder, self.statistics_file), "a") as f:
             f.write(json.dumps(entry) + "\n")
         g = entry["grad_norm"]
@@ -118,6 +130,17 @@ class KAStatistics:
                 stats.median(l["max_spline_slope"] for l in layers) if layers else float("nan"),
                 g["mean"], NNUNET_CLIP_NORM, g["clipped_fraction"],
                 ", ".join(f"{k} {v:.2f}" for k, v in g["share_of_squared_norm"].items())))
+
+    def fidelity_epochs(self) -> set[int]:
+        return {0, self.num_epochs // 2, self.num_epochs - 1}
+
+    def _gradient_fidelity(self, batch: dict) -> dict:
+        net = self._statistics_network()
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
+        result = gradient_fidelity(net, data, lambda out: self.loss(out, target))
+        return {"overall": result["overall"], "per_layer": result["per_layer"]}
 
     def ka_statistics_entry(self) -> dict:
         layers = ka_layer_snapshot(self._statistics_network())
