@@ -271,7 +271,7 @@ def test_extra_ka_keywords_reach_every_ka_layer(resenc_plans):
     net = build(cfg, ChannelSplines)
     assert type(net) is AllUKANResEnc
     activations = [m.activation for m in net.modules() if isinstance(m, KAModule)]
-    assert activations and all(a.share == "channel" and a.spline_grad == "exact" and a.activation == "fixed-leakyrelu"
+    assert activations and all(a.share == "channel" and a.spline_grad == "exact" and a.kind == "fixed-leakyrelu"
                                for a in activations)
 
     class BadGrad(nnUNetTrainerAllUKAN):
@@ -294,6 +294,21 @@ def test_bottleneck_blocks_and_bad_block_counts_are_refused(resenc_plans):
         get_network_from_plans(name, short, req, 1, 3)
     basic = {**kwargs, "block": "dynamic_network_architectures.building_blocks.residual.BasicBlockD"}
     assert type(get_network_from_plans(name, basic, req, 1, 3)) is AllUKANResEnc
+
+
+def test_profiler_reads_resenc_plans(resenc_plans, tmp_path, monkeypatch):
+    """README: nnunetv2-allukan profile -d DATASET -c 2d -p nnUNetResEncUNetMPlans: the networks the trainers build."""
+    from nnunetv2_allukan.tools.profiling import command
+
+    monkeypatch.setenv("nnUNet_preprocessed", str(resenc_plans))
+    assert command.main(["-d", D2, "-c", "2d", "-p", RESENC_PLANS, "--rows", "cnn,free", "--no-time",
+                         "--batch", "1", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = {r["key"]: r for r in json.loads((tmp_path / "profile.json").read_text())["rows"]}
+    cfg = load_configuration(resenc_plans, "2d")
+    n_params = lambda net: sum(p.numel() for p in net.parameters())
+    assert rows["cnn"]["params"] == n_params(build_nnunet_resenc(cfg))  # nnU-Net's ResidualEncoderUNet
+    assert rows["free"]["params"] == n_params(build(cfg))  # AllUKANResEnc
+    assert all(r["status"] == "ok" and r["saved_bytes"] > 0 for r in rows.values())
 
 
 @pytest.mark.e2e

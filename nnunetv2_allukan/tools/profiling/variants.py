@@ -62,7 +62,7 @@ DEFAULT_ROWS = [v.key for v in VARIANTS]
 def build_network(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None = None) -> nn.Module:
     """The variant's network from the configuration, with deep supervision on (as nnU-Net trains)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import allukan_arch_kwargs, nnUNetTrainerAllUKAN
+    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import network_for_plans, nnUNetTrainerAllUKAN
 
     class_name = variant.network
     if variant.key == "cnn":
@@ -71,8 +71,10 @@ def build_network(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None =
             class_name = cfg.network_class_name
         kwargs = dict(cfg.arch_kwargs)
     else:
-        kwargs = allukan_arch_kwargs(cfg.arch_kwargs, {**nnUNetTrainerAllUKAN.ka_kwargs, **(ka_kwargs or {}),
-                                                       **variant.overrides})
+        # As the trainers build it: ResEnc plans (-p nnUNetResEncUNetMPlans) give AllUKAN's residual encoder.
+        class_name, kwargs, _ = network_for_plans(
+            variant.network, cfg.network_class_name, cfg.arch_kwargs,
+            {**nnUNetTrainerAllUKAN.ka_kwargs, **(ka_kwargs or {}), **variant.overrides})
     network_class = _locate_class(class_name)
     kwargs = _accepted_kwargs(network_class, kwargs)
     network = get_network_from_plans(class_name, kwargs, [k for k in cfg.req_import if k in kwargs],
