@@ -12,7 +12,7 @@ interrupted batch keeps what finished and a rerun skips it.
 
 Tasks (built from installed wheels on first use, planned with nnU-Net's default planner, slab folds):
   icbm          ICBM152 grey/white matter, 2D axial slices at --downsample mm (default 3, the demo's)
-  parcellation  CAT12 template + neuromorphometrics atlas in 10 lobes/structures, 2D at 2 mm
+  parcellation  CAT12 template + neuromorphometrics atlas in 10 lobes/structures, 2D at --downsample mm
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def prepare_task(task: str, workdir: str, downsample: int) -> None:
         info = make_icbm152_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample, cross_template=False)
     else:
         from nnunetv2_allukan.data.parcellation import make_parcellation_2d
-        info = make_parcellation_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=2)
+        info = make_parcellation_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample)
     subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(spec["dataset_id"]), "-c", "2d", "-np", "1",
                     "-npfp", "1"], check=True, env={**env, "nnUNet_n_proc_DA": "1"})  # preprocessing needs >= 1
     write_splits(pre, slab_splits(info["cases"]))
@@ -248,7 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
-    p.add_argument("--downsample", type=int, default=3, help="icbm only: in-plane mm")
+    p.add_argument("--downsample", type=int, default=3, help="in-plane voxel size in mm (the dataset is built "
+                                                                  "once, at the first run's value)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", required=True)
     p.set_defaults(func=run)
