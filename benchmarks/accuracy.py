@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+PLANS = {"default": "nnUNetPlans", "resencm": "nnUNetResEncUNetMPlans"}  # --plans: nnU-Net's default or ResEnc M
 TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D"},
          "parcellation": {"dataset_id": 514, "name": "Dataset514_NMMParcellation2D"}}
 
@@ -42,11 +43,18 @@ def task_environment(workdir: str, budget_tag: str) -> dict:
     return env
 
 
-def prepare_task(task: str, workdir: str, downsample: int) -> None:
-    """Build, plan and preprocess the task's dataset once, and write its slab folds."""
+def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default") -> None:
+    """Build, plan and preprocess the task's dataset once (and the ResEnc M plans when asked), write slab folds."""
     env = task_environment(workdir, "prepare")
     spec = TASKS[task]
     pre = os.path.join(env["nnUNet_preprocessed"], spec["name"])
+    if plans == "resencm" and not os.path.isfile(os.path.join(pre, PLANS["resencm"] + ".json")):
+        prepare_task(task, workdir, downsample)
+        planning_env = {**env, "nnUNet_n_proc_DA": "1"}
+        subprocess.run(["nnUNetv2_plan_experiment", "-d", str(spec["dataset_id"]), "-pl", "nnUNetPlannerResEncM"],
+                       check=True, env=planning_env)
+        subprocess.run(["nnUNetv2_preprocess", "-d", str(spec["dataset_id"]), "-plans_name", PLANS["resencm"],
+                        "-c", "2d", "-np", "1"], check=True, env=planning_env)
     if os.path.isfile(os.path.join(pre, "splits_final.json")):
         return
     from nnunetv2_allukan.data.templates import slab_splits, write_splits
@@ -61,8 +69,8 @@ def prepare_task(task: str, workdir: str, downsample: int) -> None:
     write_splits(pre, slab_splits(info["cases"]))
 
 
-def budget_tag(epochs: int, iterations: int) -> str:
-    return f"e{epochs}x{iterations}"
+def budget_tag(epochs: int, iterations: int, plans: str = "default") -> str:
+    return f"e{epochs}x{iterations}" + ("" if plans == "default" else f"_{plans}")
 
 
 def result_path(workdir, task, tag, trainer, fold, seed) -> str:
@@ -70,7 +78,7 @@ def result_path(workdir, task, tag, trainer, fold, seed) -> str:
 
 
 def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: int, seed: int, workdir: str,
-              threads: int) -> dict:
+              threads: int, plans_name: str = "default") -> dict:
     """One run in this process (called in a subprocess by ``run``): nnU-Net's training + final validation."""
     import random
 
@@ -86,7 +94,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     np.random.seed(seed)
     torch.manual_seed(seed)
     pre = os.path.join(str(nnUNet_preprocessed), TASKS[task]["name"])
-    plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
+    plans = load_json(os.path.join(pre, PLANS[plans_name] + ".json"))
     plans["continue_training"] = False
     trainer = trainer_class(trainer_name)(plans, "2d", fold, load_json(os.path.join(pre, "dataset.json")),
                                           device=torch.device("cpu"))
@@ -136,8 +144,8 @@ def _stats_summary(entry: dict) -> dict:
 
 def run(args) -> int:
     workdir = os.path.abspath(args.workdir)
-    prepare_task(args.task, workdir, args.downsample)
-    tag = budget_tag(args.epochs, args.iterations)
+    prepare_task(args.task, workdir, args.downsample, args.plans)
+    tag = budget_tag(args.epochs, args.iterations, args.plans)
     env = task_environment(workdir, tag)
     failed = []
     for seed in args.seeds:
@@ -152,7 +160,7 @@ def run(args) -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "train-one", "--task", args.task, "--trainer",
                        trainer, "--fold", str(fold), "--epochs", str(args.epochs), "--iterations",
                        str(args.iterations), "--seed", str(seed), "--workdir", workdir, "--threads",
-                       str(args.threads), "--out", out]
+                       str(args.threads), "--plans", args.plans, "--out", out]
                 os.makedirs(os.path.dirname(out), exist_ok=True)
                 with open(out.replace(".json", ".log"), "w") as log:
                     code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -171,10 +179,11 @@ def run(args) -> int:
 
 def train_one_command(args) -> int:
     result = train_one(args.task, args.trainer, args.fold, args.epochs, args.iterations, args.seed,
-                       os.path.abspath(args.workdir), args.threads)
+                       os.path.abspath(args.workdir), args.threads, args.plans)
+    result["plans"] = PLANS[args.plans]
     result["command"] = (f"python benchmarks/accuracy.py run --task {args.task} --trainers {args.trainer} "
                          f"--folds {args.fold} --epochs {args.epochs} --iterations {args.iterations} "
-                         f"--seeds {args.seed}")
+                         f"--seeds {args.seed} --plans {args.plans}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
@@ -190,10 +199,11 @@ def report(args) -> int:
     compact = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
     with open(os.path.join(args.out, "runs.json"), "w") as f:
         json.dump(compact, f, indent=1)
-    lines = ["| task | budget (iterations) | fold | seed | trainer | params | foreground Dice | per class | "
+    lines = ["| task | plans | budget (iterations) | fold | seed | trainer | params | foreground Dice | per class | "
              "train s | coef norm first→last | base weight last | clip engaged (last epoch) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["task"], r["iterations"], r["fold"], r["seed"], -r["foreground_mean"])):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r.get("plans", "nnUNetPlans"), r["iterations"], r["fold"],
+                                         r["seed"], -r["foreground_mean"])):
         ka = r.get("ka_statistics") or {}
         first, last = ka.get("first") or {}, ka.get("last") or {}
         coef = (f"{first['median_coef_norm']:.3f}→{last['median_coef_norm']:.3f}"
@@ -201,7 +211,7 @@ def report(args) -> int:
         base = f"{last['median_base_weight']:.3f}" if last.get("median_base_weight") is not None else "–"
         clip = f"{last['clipped_fraction']:.0%}" if "clipped_fraction" in last else "–"
         per_class = " / ".join(f"{v:.3f}" for v in r["dice"].values())
-        lines.append(f"| {r['task']} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
+        lines.append(f"| {r['task']} | {r.get('plans', 'nnUNetPlans')} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
                      f"{r['parameters'] / 1e6:.2f} M | **{r['foreground_mean']:.4f}** | {per_class} | "
                      f"{r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
     with open(os.path.join(args.out, "runs.md"), "w") as f:
@@ -251,12 +261,15 @@ def main(argv=None) -> int:
     p.add_argument("--downsample", type=int, default=3, help="in-plane voxel size in mm (the dataset is built "
                                                                   "once, at the first run's value)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--plans", choices=sorted(PLANS), default="default",
+                   help="nnU-Net's default plans or the ResEnc M preset (planned on first use)")
     p.add_argument("--workdir", required=True)
     p.set_defaults(func=run)
     p = sub.add_parser("train-one", help=argparse.SUPPRESS)
     for name, kind in (("--task", str), ("--trainer", str), ("--fold", int), ("--epochs", int),
                        ("--iterations", int), ("--seed", int), ("--workdir", str), ("--threads", int), ("--out", str)):
         p.add_argument(name, type=kind, required=True)
+    p.add_argument("--plans", choices=sorted(PLANS), default="default")
     p.set_defaults(func=train_one_command)
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)
