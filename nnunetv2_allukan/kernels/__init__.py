@@ -29,9 +29,17 @@ def interpreter_enabled() -> bool:
         return kernels.INTERPRETED
     if not TRITON_INSTALLED:
         return False
+    return triton_interpret_requested()
+
+
+def triton_interpret_requested() -> bool:
+    """Triton's own reading of TRITON_INTERPRET (``triton.knobs`` from triton 3.4; the variable before)."""
     import triton
 
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "on", "true", "yes")
 
 
 def default_backend() -> str:
@@ -43,8 +51,12 @@ def default_backend() -> str:
 
 
 def resolve_backend(backend: str, x) -> str:
-    """"torch" or "triton" for input ``x``: "auto" takes the kernels for CUDA tensors when triton is installed."""
-    if backend == "torch":
+    """"torch" or "triton" for input ``x``: "auto" takes the kernels for CUDA tensors when triton is installed.
+
+    Always "torch" while a model is exported (torch.export, torch.onnx): exported graphs, ONNX files among them,
+    hold the plain ops, which every runtime has, instead of this package's custom ops.
+    """
+    if backend == "torch" or _exporting():
         return "torch"
     if backend == "auto":
         return "triton" if x.is_cuda and TRITON_INSTALLED else "torch"
@@ -57,3 +69,10 @@ def resolve_backend(backend: str, x) -> str:
                            "only through Triton's interpreter (tests): set TRITON_INTERPRET=1 before "
                            "nnunetv2_allukan.kernels.triton_spline is first imported. Use backend='auto' or 'torch'.")
     return "triton"
+
+
+def _exporting() -> bool:
+    import torch
+
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
+    return bool(is_exporting and is_exporting()) or torch.onnx.is_in_onnx_export()

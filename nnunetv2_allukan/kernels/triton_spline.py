@@ -26,8 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_interpret_requested
+
 # Kernels were built for the interpreter (CPU tensors; slow) rather than compiled for a GPU.
-INTERPRETED = bool(triton.knobs.runtime.interpret)
+INTERPRETED = triton_interpret_requested()
 # Table rows: G + 6 intervals of the extended grid plus a zero row at each end (spline.spline_table).
 EXTRA_ROWS = 8
 # Every program of the backward kernel owns a slot of the partial-sum buffer; about this many programs in all,

@@ -11,6 +11,7 @@
   profile       params, FLOPs, activation memory, step time: AllUKAN vs PlainConvUNet, UKAN, StackedKAN
   gradfid       cosine similarity of Grad-Free Spline vs exact gradients, per layer (JSON + PNG)
   bench-layers  the layer benchmark
+  export-onnx   a trained fold as an ONNX file (plans' patch size), checked with onnxruntime when installed
 """
 from __future__ import annotations
 
@@ -87,6 +88,11 @@ def _bench_layers(args) -> int:
     return 0
 
 
+def _export_onnx(args) -> int:
+    from . import export_onnx
+    return export_onnx.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunetv2-allukan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,11 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_bench_layers)
+    p = sub.add_parser("export-onnx", help="a trained fold as ONNX (see nnunetv2-allukan export-onnx -h)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_export_onnx)
     return parser
 
 
 PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers, "demo": _demo,
-                "crossval": _crossval, "profile": _profile, "gradfid": _gradfid}
+                "crossval": _crossval, "profile": _profile, "gradfid": _gradfid, "export-onnx": _export_onnx}
 
 
 def main(argv=None) -> int:
