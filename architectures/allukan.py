@@ -49,6 +49,11 @@ class PlansTopology:
 def parse_plans(network_name: str, n_stages, features_per_stage, conv_op, kernel_sizes, strides, n_conv_per_stage,
                 n_conv_per_stage_decoder, norm_op, norm_op_kwargs, dropout_op, dropout_op_kwargs) -> PlansTopology:
     """Resolve a plans ``architecture`` block (PlainConvUNet's keywords); errors name ``network_name``."""
+    if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 2:
+        # nnU-Net plans a single stage when the patch is too small to down-sample (e.g. a tiny 3d_lowres).
+        raise ValueError(f"{network_name}: n_stages must be ≥ 2 (a U-Net needs at least one down-sampling step "
+                         f"for its skip connections and tokenised stages), got n_stages={n_stages!r}; use a "
+                         f"configuration with a larger patch_size, or another configuration")
     conv_op = _locate(conv_op, network_name)
     if conv_op not in KA_CONV_TRANSPOSE_FOR:
         raise ValueError(f"{network_name}: conv_op must be torch.nn.Conv2d or torch.nn.Conv3d, got {conv_op!r}")

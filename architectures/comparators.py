@@ -9,7 +9,9 @@
   kernel_size == stride.
 
 Both share AllUKAN's encoder/decoder containers, so deep supervision is switched by ``.decoder.deep_supervision``
-(full resolution first) and the state_dict does not depend on it.
+(full resolution first) and the state_dict does not depend on it. At image borders StackedKAN and AllUKAN agree:
+in both, a kernel tap outside the image contributes nothing (KAonv zero-pads phi(x); the per-edge KANConv masks the
+tap), so the comparison measures per-edge against shared splines, not two padding conventions.
 """
 from __future__ import annotations
 

@@ -2,8 +2,11 @@
 
 Each KA layer subclasses the torch layer it replaces and applies a SharedSplineActivation to its input
 first: y = layer(phi(x)). Subclassing keeps ``.weight``, ``.bias``, ``in_channels``, ``stride`` and friends,
-the torch parameter initialisation and ``output_size`` handling of transposed convolutions; the padding a
-convolution adds is applied to phi(x), exactly as in the unfold formulation of a KAN convolution.
+the torch parameter initialisation and ``output_size`` handling of transposed convolutions. The padding a
+convolution adds is applied to phi(x): a kernel tap outside the image contributes nothing, as in a CNN and as in
+the reference per-edge KAN convolution (``reference.KANConv2d``/``3d``, which masks those taps), so the two agree
+at the borders too (tested with tied weights). Zero-padding x before phi would instead add phi(0), which is not 0
+for a spline, once per outside tap.
 
 Phi and the linear map run as one autograd node (``_KAFunction``) that keeps only ``x`` for
 backward and recomputes phi(x) there: run as two ops, autograd would also keep phi(x) for the weight gradient,

@@ -5,6 +5,12 @@ output o) owns its own spline, y_o = sum_i [w_b[o,i] silu(x_i) + s[o,i] sum_j w_
 G + k + 2 parameters per edge. The basis is built with the Cox-de Boor recursion and differentiated by
 plain autograd through the dense basis, as efficient-kan does, so its memory is what a naive KAN costs.
 These layers are slow by design; they serve as comparators and as test references.
+
+Image borders: a tap of a padded convolution that falls outside the image is not an input, so its edge
+contributes nothing (``KANConv2d``/``KANConv3d`` mask those taps). This is how a convolution treats its padding
+in a CNN, and how AllUKAN's KAonv treats it (it zero-pads phi(x)), so with tied weights KANConv and KAonv agree
+everywhere, borders included. Unfolding a zero-padded x instead would give every outside tap phi(0), which is not
+0 for a spline: a border-only extra term.
 """
 from __future__ import annotations
 
@@ -48,11 +54,18 @@ class _PerEdgeKAN(nn.Module):
         self.spline_weight = nn.Parameter(torch.randn(groups, out_per_group, in_per_group, nb) * init_scale)
         self.spline_scaler = nn.Parameter(torch.empty(groups, out_per_group, in_per_group).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., groups, in_per_group) -> (..., groups, out_per_group)."""
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., groups, in_per_group) -> (..., groups, out_per_group).
+
+        ``present`` (broadcastable to x, 1 or 0) marks the inputs that exist; the edges of absent ones (padding
+        taps outside the image) contribute nothing.
+        """
+        silu = F.silu(x)
         basis = cox_de_boor_basis(x, self.grid.to(x.dtype), self.spline_order)
+        if present is not None:
+            silu, basis = silu * present, basis * present.unsqueeze(-1)
         weights = self.spline_weight * self.spline_scaler.unsqueeze(-1)
-        base = torch.einsum("...gi,goi->...go", F.silu(x), self.base_weight)
+        base = torch.einsum("...gi,goi->...go", silu, self.base_weight)
         return base + torch.einsum("...gif,goif->...go", basis, weights)
 
 
@@ -121,16 +134,25 @@ class _KANConvNd(nn.Module):
                              f"got shape {tuple(x.shape)}")
         patches, out_spatial = _unfold_patches(x, self.kernel_size, self.stride, self.padding, self.dilation)
         patches = patches.reshape(*patches.shape[:-2], self.groups, -1)
-        y = self.kan(patches)  # (N, *out_spatial, groups, out_per_group)
+        y = self.kan(patches, self._taps_inside(x, out_spatial))  # (N, *out_spatial, groups, out_per_group)
         y = y.reshape(x.shape[0], *out_spatial, self.out_channels)
         return y.movedim(-1, 1)
 
+    def _taps_inside(self, x: torch.Tensor, out_spatial: tuple) -> torch.Tensor | None:
+        """1 for the taps of each patch that lie inside the image, 0 for padding; None without padding."""
+        if not any(self.padding):
+            return None
+        inside, _ = _unfold_patches(x.new_ones((1, 1, *x.shape[2:])), self.kernel_size, self.stride, self.padding,
+                                    self.dilation)  # (1, *out_spatial, 1, taps): the same unfold of a ones image
+        inside = inside.expand(1, *out_spatial, self.in_channels, inside.shape[-1])
+        return inside.reshape(1, *out_spatial, self.groups, -1)
+
 
 class KANConv2d(_KANConvNd):
-    """Per-edge KAN convolution: KANLinear over every (unfolded) 2D patch."""
+    """Per-edge KAN convolution: KANLinear over every (unfolded) 2D patch; taps outside the image contribute 0."""
     n_dim = 2
 
 
 class KANConv3d(_KANConvNd):
-    """Per-edge KAN convolution: KANLinear over every (unfolded) 3D patch."""
+    """Per-edge KAN convolution: KANLinear over every (unfolded) 3D patch; taps outside the image contribute 0."""
     n_dim = 3

@@ -239,3 +239,18 @@ def test_trainer_compiles_on_cuda_only_when_asked(monkeypatch):
     assert trainer._do_i_compile() is True  # nnU-Net's own rule once the user asks
     trainer.device = torch.device("cpu")
     assert trainer._do_i_compile() is False  # nnU-Net never compiles on the CPU
+
+
+@pytest.mark.parametrize("network", ["AllUKAN", "AllUKANResEnc", "comparators.UKAN", "comparators.StackedKAN"])
+def test_one_stage_plans_are_refused_with_a_clear_message(network):
+    """nnU-Net plans a single stage for patches too small to down-sample; no U-Net can be built from that."""
+    arch = plans_arch(2, 1, [[1, 1]])
+    ka = dict(nnUNetTrainerAllUKAN.ka_kwargs)
+    if network == "AllUKANResEnc":
+        arch["n_blocks_per_stage"] = arch.pop("n_conv_per_stage")
+    if network.startswith("comparators."):  # per-edge KAN layers: no share / spline_grad
+        ka = {k: ka[k] for k in ("grid_size", "grid_range", "token_stages", "skip_mode")}
+    kwargs = {**arch, **ka}
+    with pytest.raises(ValueError, match=r"n_stages must be ≥ 2 .*got n_stages=1"):
+        get_network_from_plans(f"nnunetv2_allukan.architectures.{network}", kwargs, REQ_IMPORT, 1, 3,
+                               allow_init=True, deep_supervision=False)

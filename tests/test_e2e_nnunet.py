@@ -102,9 +102,17 @@ out = t.train_step(next(dl_train))
 assert torch.isfinite(torch.as_tensor(out["loss"])), out
 assert any(not torch.equal(b, p) for b, p in zip(before, t.network.parameters()))
 print("OK", t.output_folder)
+# our trainer on the same configuration: the plans' share wins over its default, and its log says so
+from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN
+plans["continue_training"] = False  # nnU-Net's __init__ pops it
+ours = nnUNetTrainerAllUKAN(plans, "2d_allukan", 0, dj, device=torch.device("cpu"))
+ours.initialize()
+assert {m.share for m in ours.network.modules() if hasattr(m, "share")} == {"channel"}
+print("LOG", open(ours.log_file).read())
 """
     proc = run([sys.executable, "-c", code, str(plans_file), str(plans_file.parent / "dataset.json")], env)
     assert "OK" in proc.stdout and "nnUNetTrainer__nnUNetPlans__2d_allukan" in proc.stdout
+    assert "share='channel' (from the plans" in proc.stdout.split("LOG", 1)[1]
 
 
 def test_add_plans_user_errors_are_one_line(nnunet, tmp_path):

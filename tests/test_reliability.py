@@ -190,6 +190,45 @@ def test_non_finite_losses_stop_training_without_touching_checkpoints(nnunet_pat
     assert "Training stopped: the loss was NaN/Inf for 5 iterations in a row" in log
 
 
+def _all_finite(checkpoint_file) -> bool:
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    return all(torch.isfinite(v).all() for v in checkpoint["network_weights"].values() if v.is_floating_point())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("nan_epoch,refused", [(0, "checkpoint_latest.pth"), (1, "checkpoint_final.pth")])
+def test_nan_in_the_last_iteration_of_an_epoch_never_reaches_a_checkpoint(nnunet_paths, nan_epoch, refused):
+    """One NaN batch in the last iteration of an epoch (fewer than the 5 in a row that stop training) makes the
+    weights NaN when nnU-Net checkpoints: at the end of that epoch (latest), or at the end of training (final,
+    after which nnU-Net deletes latest). Neither may be written, and the message must say what is on disk."""
+
+    def train_step(self, batch):
+        if self.current_epoch == nan_epoch and \
+                getattr(self, "_iteration_in_epoch", 0) == self.num_iterations_per_epoch - 1:
+            batch["data"] = torch.full_like(batch["data"], float("nan"))
+        return nnUNetTrainerAllUKAN.train_step(self, batch)
+
+    # one class, so one output folder, per parametrisation
+    nan_trainer = type(f"NaNAtEndOfEpoch{nan_epoch}", (nnUNetTrainerAllUKAN,), {"train_step": train_step})
+    trainer = _trainer(nnunet_paths, nan_trainer)
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 2, 2, 1
+    trainer.save_every = 1
+    with pytest.raises(NonFiniteLossError, match=f"{refused} was not written") as stop:
+        trainer.run_training()
+    out = Path(trainer.output_folder)
+    assert not (out / "checkpoint_final.pth").exists()
+    assert all(_all_finite(f) for f in out.glob("checkpoint_*.pth"))
+    if nan_epoch == 0:
+        assert not list(out.glob("checkpoint_*.pth"))
+        assert "this run wrote no checkpoint" in str(stop.value)
+    else:  # the good checkpoint of epoch 0 is still there: nnU-Net's end of training did not delete it
+        assert torch.load(out / "checkpoint_latest.pth", map_location="cpu", weights_only=False)["current_epoch"] == 1
+        assert "checkpoint_latest.pth (after epoch 0)" in str(stop.value)
+    assert "Nothing was saved" not in str(stop.value)
+    log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
+    assert str(stop.value) in log
+
+
 @pytest.mark.e2e
 def test_checkpoint_mismatch_says_what_differs(nnunet_paths, trained_2d):
     nnunet = nnunet_paths

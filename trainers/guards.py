@@ -12,12 +12,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteLossGuard:
-    """Stop training after ``max_consecutive_nonfinite`` non-finite training losses in a row.
+    """Never write a checkpoint with NaN/Inf in it, and stop after ``max_consecutive_nonfinite`` non-finite
+    training losses in a row.
 
-    Raising from ``train_step`` leaves the loop before nnU-Net's end-of-epoch checkpointing, so the last
-    checkpoint on disk is the last good one; nothing is written over it. Under DDP (``-num_gpus N``) the ranks
+    nnU-Net writes ``checkpoint_latest.pth`` every ``save_every`` epochs, ``checkpoint_best.pth`` on a new best
+    pseudo Dice and ``checkpoint_final.pth`` at the end (then deletes latest). A non-finite loss in the last
+    iterations of an epoch (fewer than ``max_consecutive_nonfinite``) would otherwise put NaN weights into those
+    files, so ``save_checkpoint`` checks the weights and optimizer state first and stops training instead of
+    writing (before nnU-Net's end of training could delete the last good ``checkpoint_latest.pth``). Raising from
+    ``train_step`` leaves the loop before the end-of-epoch checkpointing. Under DDP (``-num_gpus N``) the ranks
     agree on every iteration (one tiny all-reduce): a non-finite loss on any rank has already spoilt everyone's
     averaged gradients, and a rank that stopped alone would leave the others waiting in the next all-reduce.
+    The weights are identical on every rank, so every rank makes the same checkpoint decision.
     """
 
     max_consecutive_nonfinite = 5
@@ -37,13 +43,42 @@ class NonFiniteLossGuard:
         self.print_to_log_file(f"WARNING: non-finite training loss {result['loss']} at epoch {self.current_epoch}, "
                                f"iteration {self._iteration_in_epoch - 1} ({self._nonfinite_in_a_row} in a row)")
         if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite:
-            message = (f"Training stopped: the loss was NaN/Inf for {self._nonfinite_in_a_row} iterations in a row "
-                       f"(epoch {self.current_epoch}, iteration {self._iteration_in_epoch - 1}). Nothing was saved "
-                       f"after the last good checkpoint in {self.output_folder}; check the input data and "
-                       f"intensities, or lower the learning rate, then continue with --c.")
-            self.print_to_log_file(message)
-            raise NonFiniteLossError(message)
+            self._stop(f"the loss was NaN/Inf for {self._nonfinite_in_a_row} iterations in a row (epoch "
+                       f"{self.current_epoch}, iteration {self._iteration_in_epoch - 1})")
         return result
+
+    def save_checkpoint(self, filename: str) -> None:
+        if not self._weights_and_optimizer_finite():
+            self._stop(f"the network weights or optimizer state contain NaN/Inf at the end of epoch "
+                       f"{self.current_epoch}, so {os.path.basename(filename)} was not written")
+        super().save_checkpoint(filename)
+        if not getattr(self, "disable_checkpointing", False):
+            self._checkpoints_written = {**getattr(self, "_checkpoints_written", {}),
+                                         os.path.basename(filename): self.current_epoch}
+
+    def _stop(self, reason: str):
+        message = (f"Training stopped: {reason}. No checkpoint with NaN/Inf weights is ever written; "
+                   f"{self._checkpoints_report()}. Check the input data and intensities, or lower the learning "
+                   f"rate, then continue with --c.")
+        self.print_to_log_file(message)
+        raise NonFiniteLossError(message)
+
+    def _checkpoints_report(self) -> str:
+        written = getattr(self, "_checkpoints_written", {})
+        if written:
+            return "this run wrote " + ", ".join(f"{name} (after epoch {epoch})" for name, epoch in written.items()) \
+                + f" in {self.output_folder}, all with finite weights"
+        earlier = sorted(f for f in os.listdir(self.output_folder) if f.startswith("checkpoint_")) \
+            if os.path.isdir(self.output_folder) else []
+        return "this run wrote no checkpoint" + (f" ({', '.join(earlier)} in {self.output_folder} are from an "
+                                                 f"earlier run)" if earlier else "")
+
+    def _weights_and_optimizer_finite(self) -> bool:
+        tensors = list(self.network.state_dict().values())
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() or t.is_complex())
 
     def _finite_on_every_rank(self, finite: bool) -> bool:
         if not (getattr(self, "is_ddp", False) and torch.distributed.is_available()

@@ -78,6 +78,38 @@ def network_for_plans(network_class_name: str, plans_network_class_name: str, pl
                          f"residual-encoder plans ({plans_network_class_name}) become plain KA blocks")
 
 
+def _comparable(value):
+    """Plans store JSON (lists), trainers write tuples: compare grid ranges and the like as tuples."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def resolve_ka_kwargs(plans_arch_kwargs: dict, trainer_ka_kwargs: dict,
+                      default_ka_kwargs: dict) -> tuple[dict, list[str]]:
+    """The KA settings a trainer builds with, and one log note per setting that is not the default.
+
+    Precedence: a trainer variant's explicit choice (a key whose value differs from ``default_ka_kwargs``, the
+    base trainer's, e.g. ``_shareChannel``'s share) > the plans configuration's value (e.g. written by
+    ``nnunetv2-allukan add-plans --share channel``) > the trainer's default. The result goes to
+    ``network_for_plans`` as its ``ka_kwargs``, so the plain and the residual-encoder networks get the same.
+    """
+    resolved, notes = {}, []
+    for key, value in trainer_ka_kwargs.items():
+        explicit = key not in default_ka_kwargs or _comparable(value) != _comparable(default_ka_kwargs[key])
+        in_plans = key in plans_arch_kwargs
+        if explicit:
+            resolved[key] = value
+            overridden = in_plans and _comparable(plans_arch_kwargs[key]) != _comparable(value)
+            notes.append(f"{key}={value!r} (the trainer's choice" +
+                         (f", over the plans' {plans_arch_kwargs[key]!r})" if overridden else ")"))
+        elif in_plans:
+            resolved[key] = plans_arch_kwargs[key]
+            if _comparable(plans_arch_kwargs[key]) != _comparable(value):
+                notes.append(f"{key}={plans_arch_kwargs[key]!r} (from the plans; the trainer's default: {value!r})")
+        else:
+            resolved[key] = value
+    return resolved, notes
+
+
 class EpochCosineLRScheduler(_LRScheduler):
     """Cosine annealing computed from the epoch number, keeping each parameter group's own base lr.
 
@@ -132,9 +164,13 @@ class nnUNetTrainerAllUKAN(KAStatistics, NonFiniteLossGuard, CheckpointMismatchM
 
     @classmethod
     def network_choice(cls, configuration_manager: ConfigurationManager) -> NetworkChoice:
-        """``network_class_name``, or its residual counterpart for residual-encoder (ResEnc) plans."""
-        return network_for_plans(cls.network_class_name, configuration_manager.network_arch_class_name,
-                                 configuration_manager.network_arch_init_kwargs, cls.ka_kwargs)
+        """``network_class_name``, or its residual counterpart for residual-encoder (ResEnc) plans, with the KA
+        settings of ``resolve_ka_kwargs`` (variant's explicit choice > plans configuration > trainer default)."""
+        plans_kwargs = configuration_manager.network_arch_init_kwargs
+        ka_kwargs, notes = resolve_ka_kwargs(plans_kwargs, cls.ka_kwargs, nnUNetTrainerAllUKAN.ka_kwargs)
+        choice = network_for_plans(cls.network_class_name, configuration_manager.network_arch_class_name,
+                                   plans_kwargs, ka_kwargs)
+        return choice._replace(reason=choice.reason + (f"; KA settings: {', '.join(notes)}" if notes else ""))
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -178,4 +214,4 @@ class nnUNetTrainerAllUKAN_AdamCosine(nnUNetTrainerAllUKAN):
 
 __all__ = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "EpochCosineLRScheduler",
            "allukan_arch_kwargs", "split_spline_parameters", "ALLUKAN_CLASS_NAME", "ALLUKAN_RESENC_CLASS_NAME",
-           "NetworkChoice", "network_for_plans", "plans_have_residual_encoder"]
+           "NetworkChoice", "network_for_plans", "plans_have_residual_encoder", "resolve_ka_kwargs"]

@@ -68,8 +68,24 @@ def block_mean_2d(a: np.ndarray, factor: int) -> np.ndarray:
     return a.reshape(h // factor, factor, w // factor, factor, *a.shape[2:]).mean(axis=(1, 3))
 
 
+DESCRIPTION_FILE = "cases.json"
+
+
+def write_description(folder: str, info: dict) -> dict:
+    """Write ``cases.json`` (what was built, with which settings) atomically: it marks the dataset complete."""
+    path = os.path.join(folder, DESCRIPTION_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return info
+
+
 def _dataset_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) -> tuple[str, bool]:
-    """The folder to write to, and whether a complete copy is already there. Never touches another dataset."""
+    """The folder to write to, and whether a complete copy is already there. Never touches another dataset.
+
+    ``cases.json`` is the last file a builder writes (``write_description``): a folder without it is an interrupted
+    build (e.g. stopped after dataset.json) and is rebuilt in place on the next call.
+    """
     if not 1 <= dataset_id <= 999:
         raise DatasetError(f"dataset id must be in 1..999, got {dataset_id}")
     prefix = f"Dataset{dataset_id:03d}_"
@@ -79,7 +95,7 @@ def _dataset_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) 
         if clashes:
             raise DatasetError(f"dataset id {dataset_id} is already used by {clashes[0]} in {raw_root}; "
                                f"choose another id")
-    complete = os.path.isfile(os.path.join(folder, "dataset.json"))
+    complete = os.path.isfile(os.path.join(folder, DESCRIPTION_FILE))
     if complete and overwrite:
         import shutil
         shutil.rmtree(folder)
@@ -176,7 +192,7 @@ def make_icbm152_2d(raw_root: str, dataset_id: int = 501, downsample: int = 2, m
         raise DatasetError(f"downsample must be an integer >= 1, got {downsample!r}")
     folder, complete = _dataset_folder(raw_root, dataset_id, "ICBM152Tissue2D", overwrite)
     if complete:
-        with open(os.path.join(folder, "cases.json")) as f:
+        with open(os.path.join(folder, DESCRIPTION_FILE)) as f:
             info = json.load(f)
         if info["downsample"] != downsample or bool(info["test_cases"]) != cross_template:
             raise DatasetError(f"{folder} exists with downsample={info['downsample']} and "
@@ -197,12 +213,10 @@ def make_icbm152_2d(raw_root: str, dataset_id: int = 501, downsample: int = 2, m
                                   "test: CAT12 template with neuromorphometrics tissue (deepmriprep wheel). "
                                   "Built at run time, never redistributed; see README for licences."},
                   f, indent=2)
-    info = {"folder": folder, "dataset_id": dataset_id, "name": os.path.basename(folder), "cases": cases,
-            "test_cases": test_cases, "downsample": downsample,
-            "spacing": [float(abs(affine[0, 0])) * downsample, float(abs(affine[1, 1])) * downsample]}
-    with open(os.path.join(folder, "cases.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    return info
+    return write_description(folder, {
+        "folder": folder, "dataset_id": dataset_id, "name": os.path.basename(folder), "cases": cases,
+        "test_cases": test_cases, "downsample": downsample,
+        "spacing": [float(abs(affine[0, 0])) * downsample, float(abs(affine[1, 1])) * downsample]})
 
 
 def make_icbm152_3d(raw_root: str, dataset_id: int = 503, downsample: int = 2, slab_thickness: int = 24,
@@ -218,7 +232,7 @@ def make_icbm152_3d(raw_root: str, dataset_id: int = 503, downsample: int = 2, s
         raise DatasetError(f"downsample must be an integer >= 1, got {downsample!r}")
     folder, complete = _dataset_folder(raw_root, dataset_id, "ICBM152Tissue3D", overwrite)
     if complete:
-        with open(os.path.join(folder, "cases.json")) as f:
+        with open(os.path.join(folder, DESCRIPTION_FILE)) as f:
             return json.load(f)
     t1, gm, wm, affine = load_icbm152()
     for sub in ("imagesTr", "labelsTr"):
@@ -248,11 +262,8 @@ def make_icbm152_3d(raw_root: str, dataset_id: int = 503, downsample: int = 2, s
                    "file_ending": ".nii.gz",
                    "description": "ICBM152 2009a sym T1 axial slabs with GM/WM labels (nilearn wheel); "
                                   "built at run time."}, f, indent=2)
-    info = {"folder": folder, "dataset_id": dataset_id, "name": os.path.basename(folder), "cases": cases,
-            "downsample": downsample, "spacing": list(spacing)}
-    with open(os.path.join(folder, "cases.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    return info
+    return write_description(folder, {"folder": folder, "dataset_id": dataset_id, "name": os.path.basename(folder),
+                                      "cases": cases, "downsample": downsample, "spacing": list(spacing)})
 
 
 def slab_splits(ordered_cases: list[str], n_folds: int = 5, gap: int = 3) -> list[dict]:

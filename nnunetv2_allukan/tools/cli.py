@@ -55,7 +55,7 @@ def _make_dataset(args) -> int:
 def _plot_activations(args) -> int:
     from .checkpoints import load_network
     from .plots import plot_activations
-    network, checkpoint = load_network(args.model)
+    network, checkpoint = load_network(args.model, args.fold, args.checkpoint_name)
     out = args.output or os.path.join(os.path.dirname(checkpoint["checkpoint_file"]), "activations.png")
     n = plot_activations(network, out, max_channels=args.max_channels,
                          title=f"{checkpoint['trainer_name']}: learned activations (solid phi, dashed silu part, "
@@ -135,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="rebuild the dataset if it exists")
     p.set_defaults(func=_make_dataset)
     p = sub.add_parser("plot-activations", help="PNG of the learned activations of a trained model")
-    p.add_argument("model", help="checkpoint .pth or nnU-Net fold folder")
+    p.add_argument("model", help="checkpoint .pth, or an nnU-Net model folder (<Trainer>__<Plans>__<config>) or "
+                                 "fold folder")
+    p.add_argument("-f", dest="fold", help="fold of a model folder, as for nnUNetv2_predict (default: its only fold)")
+    p.add_argument("-chk", dest="checkpoint_name",
+                   help="checkpoint file name, as for nnUNetv2_predict (default: checkpoint_final.pth, else "
+                        "checkpoint_best.pth, else checkpoint_latest.pth)")
     p.add_argument("-o", dest="output", help="PNG path (default: activations.png next to the checkpoint)")
     p.add_argument("--max-channels", type=int, default=4, help="channels overlaid for share='channel'")
     p.set_defaults(func=_plot_activations)

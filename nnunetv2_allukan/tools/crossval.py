@@ -6,7 +6,8 @@ per-fold ``validation/summary.json`` and reports per trainer: mean +- std Dice p
 mean, the per-fold table, paired differences to ``--ref`` (Wilcoxon signed-rank p-value with >= 5 folds),
 parameter count and median seconds per epoch (from the logging nnU-Net stores in its checkpoints).
 Writes a terminal table, Markdown, CSV, JSON and a box plot PNG. Missing folds are listed, never dropped
-silently.
+silently; a training run that failed makes the command exit with code 1 after the report of what did finish.
+Region-based datasets (``regions_class_order``) are reported per region, under nnU-Net's keys such as "(1, 2)".
 """
 from __future__ import annotations
 
@@ -21,6 +22,19 @@ import sys
 
 class CrossvalError(Exception):
     pass
+
+
+def label_order(key: str) -> tuple:
+    """Sort key for nnU-Net's per-class keys in summary.json: labels ("1") first by value, then regions ("(1, 2)"),
+    which nnU-Net writes for region-based datasets (``regions_class_order``), by their labels."""
+    text = key.strip()
+    if text.lstrip("-").isdigit():
+        return (0, (int(text),))
+    return (1, tuple(int(v) for v in text.strip("()").split(",") if v.strip()))
+
+
+def sorted_labels(keys) -> list[str]:
+    return sorted(set(keys), key=label_order)
 
 
 def fold_folder(results_root, dataset_name, trainer, plans, configuration, fold) -> str:
@@ -84,7 +98,7 @@ def summarise(collected: dict, ref: str | None) -> dict:
     summary = {}
     for trainer, data in collected.items():
         folds = data["folds"]
-        labels = sorted({k for r in folds.values() for k in r["dice"]}, key=int)
+        labels = sorted_labels(k for r in folds.values() for k in r["dice"])
         stats = {}
         for key in labels + ["foreground_mean"]:
             values = [r["foreground_mean"] if key == "foreground_mean" else r["dice"][key] for r in folds.values()]
@@ -120,7 +134,7 @@ def _fmt(mean_std) -> str:
 
 
 def markdown(summary: dict, collected: dict) -> str:
-    labels = sorted({k for s in summary.values() for k in s["dice"] if k != "foreground_mean"}, key=int)
+    labels = sorted_labels(k for s in summary.values() for k in s["dice"] if k != "foreground_mean")
     lines = ["| trainer | folds | " + " | ".join(f"Dice {l}" for l in labels) +
              " | foreground mean | Δ vs ref (p) | params | s/epoch |",
              "|---|---|" + "---|" * (len(labels) + 4)]
@@ -164,7 +178,7 @@ def write_outputs(out_dir: str, summary: dict, collected: dict) -> list[str]:
     path = os.path.join(out_dir, "crossval_folds.csv")
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        labels = sorted({k for d in collected.values() for r in d["folds"].values() for k in r["dice"]}, key=int)
+        labels = sorted_labels(k for d in collected.values() for r in d["folds"].values() for k in r["dice"])
         writer.writerow(["trainer", "fold", *[f"dice_{l}" for l in labels], "foreground_mean", "params",
                          "seconds_per_epoch"])
         for trainer, data in collected.items():
@@ -221,6 +235,7 @@ def main(argv=None) -> int:
     results_root = require_env("nnUNet_results")
     name = dataset_name(args.dataset)
     env = with_ext_trainer_path(dict(os.environ))
+    failed = []  # training commands that failed: reported after the table, and the exit code says so
     if not args.collect_only:
         todo = []
         for trainer in args.trainers:
@@ -239,6 +254,7 @@ def main(argv=None) -> int:
             print(f"[crossval] $ {' '.join(cmd)}", flush=True)
             result = subprocess.run([nnunet_executable(cmd[0]), *cmd[1:]], env=env)
             if result.returncode != 0:
+                failed.append(f"{' '.join(cmd)} (exit code {result.returncode})")
                 print(f"[crossval] {' '.join(cmd)} failed with exit code {result.returncode}; continuing, the fold "
                       f"will be listed as missing", file=sys.stderr, flush=True)
         if args.dry_run:
@@ -254,4 +270,8 @@ def main(argv=None) -> int:
     missing = {t: d["missing_folds"] for t, d in collected.items() if d["missing_folds"]}
     if missing:
         print(f"missing folds (not finished): {missing}", file=sys.stderr)
+    if failed:
+        print(f"[crossval] {len(failed)} training run(s) failed (the report above shows what finished):\n  "
+              + "\n  ".join(failed), file=sys.stderr)
+        return 1
     return 0

@@ -46,7 +46,11 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="nnunetv2-allukan gradfid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="checkpoint .pth or nnU-Net fold folder (default: random init)")
+    parser.add_argument("model", nargs="?", help="checkpoint .pth or nnU-Net model/fold folder (default: random "
+                                                 "init)")
+    parser.add_argument("-f", dest="fold", help="fold of a model folder (default: its only fold)")
+    parser.add_argument("-chk", dest="checkpoint_name",
+                        help="checkpoint file name (default: checkpoint_final.pth, else best, else latest)")
     parser.add_argument("--dim", type=int, default=2, choices=[2, 3], help="random init: 2D or 3D plans")
     parser.add_argument("--patch", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--batch", type=int, default=2)
@@ -57,11 +61,11 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     if args.model:
-        from .checkpoints import load_network
-        network, checkpoint = load_network(args.model)
-        patch = checkpoint["init_args"]["plans"]["configurations"][checkpoint["init_args"]["configuration"]]
-        patch = patch.get("patch_size") or args.patch
-        n_in = network.encoder.stages[0][0][0].in_channels
+        from .checkpoints import checkpoint_configuration, load_network
+        network, checkpoint = load_network(args.model, args.fold, args.checkpoint_name)
+        # nnU-Net's plans classes resolve inheritance (2d_allukan, 3d_cascade_fullres take their parent's patch)
+        _, configuration_manager, n_in, _ = checkpoint_configuration(checkpoint)
+        patch = [int(p) for p in configuration_manager.patch_size]
         title = f"{checkpoint['trainer_name']} ({checkpoint['checkpoint_file']})"
     else:
         cfg = synthetic_plans(args.dim, args.patch, args.batch, base_features=args.base_features)
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
     result = gradient_fidelity(network, x, lambda out: deep_supervision_loss(out, targets))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gradfid.json"), "w") as f:
-        json.dump({"title": title, **result}, f, indent=2)
+        json.dump({"title": title, "patch": list(patch), "batch": args.batch, **result}, f, indent=2)
     plot(result, os.path.join(args.out, "gradfid.png"), title)
     worst = sorted(result["per_layer"].items(), key=lambda kv: kv[1])[:5]
     print(f"cosine(free, exact): overall {result['overall']:.4f}; lowest layers: "

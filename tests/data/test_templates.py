@@ -1,5 +1,6 @@
 """Real-data builders against the files inside the installed nilearn/deepmriprep wheels."""
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -67,6 +68,16 @@ def test_existing_dataset_is_reused_and_clashes_refused(icbm2d):
         make_icbm152_2d(raw, 501, downsample=2)
     with pytest.raises(DatasetError, match="already used"):
         make_icbm152_3d(raw, 501)
+
+
+def test_a_build_interrupted_after_dataset_json_is_finished_on_rerun(icbm2d):
+    """Stopped between dataset.json and cases.json: the folder is incomplete, and a rerun rebuilds it."""
+    description = f"{icbm2d['folder']}/cases.json"
+    os.remove(description)
+    assert os.path.isfile(f"{icbm2d['folder']}/dataset.json")
+    raw = icbm2d["folder"].rsplit("/", 1)[0]
+    assert make_icbm152_2d(raw, 501, downsample=4, test_every=6) == icbm2d
+    assert json.load(open(description)) == icbm2d
 
 
 def test_slab_splits_leave_a_gap():
