@@ -22,8 +22,9 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def interpreter_enabled() -> bool:
-    """Whether the kernels run through Triton's interpreter (on CPU tensors): fixed when they are first imported,
-    by ``TRITON_INTERPRET=1``."""
+    """Whether the kernels run through Triton's interpreter (on CPU tensors): ``TRITON_INTERPRET=1``, read when the
+    kernels are first imported; it must be set before triton itself is first imported (torch._dynamo imports it),
+    whose library functions are decorated then."""
     kernels = sys.modules.get(__name__ + ".triton_spline")
     if kernels is not None:
         return kernels.INTERPRETED
@@ -66,8 +67,8 @@ def resolve_backend(backend: str, x) -> str:
         return "triton"
     if not interpreter_enabled():
         raise RuntimeError(f"backend='triton' runs on CUDA tensors; got a {x.device.type} tensor. On the CPU it runs "
-                           "only through Triton's interpreter (tests): set TRITON_INTERPRET=1 before "
-                           "nnunetv2_allukan.kernels.triton_spline is first imported. Use backend='auto' or 'torch'.")
+                           "only through Triton's interpreter (tests): set TRITON_INTERPRET=1 before triton is "
+                           "first imported. Use backend='auto' or 'torch'.")
     return "triton"
 
 

@@ -17,8 +17,8 @@ The coefficient gradient is returned as the table gradient (what the autograd Fu
 ``table`` input); ``spline.spline_table``'s autograd maps it to the coefficients, a (C, G + 8, 4) -> (C, G + 3)
 product that costs nothing next to one pass over the activation.
 
-``TRITON_INTERPRET=1`` set before this module is first imported makes the kernels run on CPU tensors through
-Triton's interpreter (tests); it is decided once, at import.
+``TRITON_INTERPRET=1``, set before triton is first imported, makes the kernels run on CPU tensors through
+Triton's interpreter (tests); it is decided once, when this module is imported.
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_table
 def _check(x3: torch.Tensor, table: torch.Tensor):
     if x3.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(f"the Triton spline kernels run on CUDA tensors, got a {x3.device.type} tensor; for tests "
-                           "on the CPU set TRITON_INTERPRET=1 before nnunetv2_allukan.kernels is first imported")
+                           "on the CPU set TRITON_INTERPRET=1 before triton is first imported")
     if x3.numel() > _MAX_ELEMENTS:
         raise ValueError(f"the Triton spline kernels take at most 2**30 values per call, got {x3.numel()}")
     if not (x3.is_contiguous() and table.is_contiguous()):
