@@ -43,6 +43,12 @@ def task_environment(workdir: str, budget_tag: str) -> dict:
     return env
 
 
+def nnunet_command(name: str) -> str:
+    """nnU-Net's console script next to this interpreter (a venv that is not activated is not on PATH)."""
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return candidate if os.path.isfile(candidate) else name
+
+
 def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default") -> None:
     """Build, plan and preprocess the task's dataset once (and the ResEnc M plans when asked), write slab folds."""
     env = task_environment(workdir, "prepare")
@@ -51,9 +57,9 @@ def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default
     if plans == "resencm" and not os.path.isfile(os.path.join(pre, PLANS["resencm"] + ".json")):
         prepare_task(task, workdir, downsample)
         planning_env = {**env, "nnUNet_n_proc_DA": "1"}
-        subprocess.run(["nnUNetv2_plan_experiment", "-d", str(spec["dataset_id"]), "-pl", "nnUNetPlannerResEncM"],
+        subprocess.run([nnunet_command("nnUNetv2_plan_experiment"), "-d", str(spec["dataset_id"]), "-pl", "nnUNetPlannerResEncM"],
                        check=True, env=planning_env)
-        subprocess.run(["nnUNetv2_preprocess", "-d", str(spec["dataset_id"]), "-plans_name", PLANS["resencm"],
+        subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(spec["dataset_id"]), "-plans_name", PLANS["resencm"],
                         "-c", "2d", "-np", "1"], check=True, env=planning_env)
     if os.path.isfile(os.path.join(pre, "splits_final.json")):
         return
@@ -64,7 +70,7 @@ def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default
     else:
         from nnunetv2_allukan.data.parcellation import make_parcellation_2d
         info = make_parcellation_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample)
-    subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(spec["dataset_id"]), "-c", "2d", "-np", "1",
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(spec["dataset_id"]), "-c", "2d", "-np", "1",
                     "-npfp", "1"], check=True, env={**env, "nnUNet_n_proc_DA": "1"})  # preprocessing needs >= 1
     write_splits(pre, slab_splits(info["cases"]))
 
