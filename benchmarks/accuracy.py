@@ -205,7 +205,8 @@ def report(args) -> int:
     compact = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
     with open(os.path.join(args.out, "runs.json"), "w") as f:
         json.dump(compact, f, indent=1)
-    lines = ["| task | plans | budget (iterations) | fold | seed | trainer | params | foreground Dice | per class | "
+    lines = ["| task | plans | budget (iterations) | fold | seed | trainer | params | foreground Dice | "
+             "per class (label 1, 2, ...) | "
              "train s | coef norm first→last | base weight last | clip engaged (last epoch) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["task"], r.get("plans", "nnUNetPlans"), r["iterations"], r["fold"],
@@ -216,7 +217,7 @@ def report(args) -> int:
                 if first.get("median_coef_norm") is not None else "–")
         base = f"{last['median_base_weight']:.3f}" if last.get("median_base_weight") is not None else "–"
         clip = f"{last['clipped_fraction']:.0%}" if "clipped_fraction" in last else "–"
-        per_class = " / ".join(f"{v:.3f}" for v in r["dice"].values())
+        per_class = " / ".join(f"{r['dice'][k]:.3f}" for k in sorted(r["dice"], key=_label_order))
         lines.append(f"| {r['task']} | {r.get('plans', 'nnUNetPlans')} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
                      f"{r['parameters'] / 1e6:.2f} M | **{r['foreground_mean']:.4f}** | {per_class} | "
                      f"{r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
@@ -225,6 +226,11 @@ def report(args) -> int:
     print("\n".join(lines))
     _plot_curves(rows, os.path.join(args.out, "learning_curves.png"))
     return 0
+
+
+def _label_order(key: str):
+    """Labels in numeric order ('2' before '10'); region keys such as '(1, 2)' after them."""
+    return (0, int(key), key) if key.isdigit() else (1, 0, key)
 
 
 def _plot_curves(rows, path):
