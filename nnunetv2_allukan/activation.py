@@ -19,6 +19,9 @@ Gradient modes:
 
 Both modes save only ``x`` for backward and recompute the basis there, so their activation memory is
 that of a plain pointwise nonlinearity.
+
+Size: just over 400 lines: the module, its autograd Function and the piece-wise torch evaluation they share are one
+unit; the Triton kernels (``kernels``) and the torch.func rules (``func_transforms``) already live apart.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import spline
+from .func_transforms import first_order_backward, pointwise_vmap
 from .kernels import BACKENDS, default_backend, resolve_backend
 
 SHARE_MODES = ("layer", "channel")
@@ -228,19 +232,27 @@ def _kernel_ops():
 
 
 class _SharedSplineFunction(torch.autograd.Function):
-    """Saves x (plus the tiny parameter tensors); recomputes the interval lookup in backward."""
+    """Saves x (plus the tiny parameter tensors); recomputes the interval lookup in backward. In torch.func's form
+    (forward without ctx, ``setup_context``, a ``vmap`` rule: ``func_transforms``)."""
 
     @staticmethod
-    def forward(ctx, x, table, base_weight, config):
-        ctx.save_for_backward(x, table, base_weight)
-        ctx.config = config
+    def forward(x, table, base_weight, config):
         return SplineEvaluation(x, table, base_weight, config).values(x.dtype)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.config = inputs[3]
+
+    @staticmethod
     def backward(ctx, grad_out):
-        x, table, base_weight = ctx.saved_tensors
-        grads = SplineEvaluation(x, table, base_weight, ctx.config).gradients(grad_out, *ctx.needs_input_grad[:3])
-        return (*grads, None)
+        def formula(x, table, base_weight, grad_out):
+            return SplineEvaluation(x, table, base_weight, ctx.config).gradients(grad_out, *ctx.needs_input_grad[:3])
+        return (*first_order_backward(formula, *ctx.saved_tensors, grad_out), None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, table, base_weight, config):
+        return pointwise_vmap(_SharedSplineFunction, info, in_dims, x, (table, base_weight), config)
 
 
 class SharedSplineActivation(nn.Module):

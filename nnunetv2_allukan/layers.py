@@ -22,6 +22,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .activation import SharedSplineActivation, SplineEvaluation
+from .func_transforms import batch_dim_first, first_order_backward, per_sample
 
 
 def _op_dtype(x: torch.Tensor) -> torch.dtype:
@@ -63,30 +64,53 @@ class LinearSpec(NamedTuple):
 
 
 class _KAFunction(torch.autograd.Function):
-    """y = op(phi(x)) with only x (and the parameters) saved; phi(x) is recomputed in backward."""
+    """y = op(phi(x)) with only x (and the parameters) saved; phi(x) is recomputed in backward.
+
+    Forward without ctx plus ``setup_context`` and a ``vmap`` rule: the form torch.func (grad, vmap, vjp) needs.
+    """
 
     @staticmethod
-    def forward(ctx, x, table, base_weight, weight, bias, spline_config, op, dtype):
+    def forward(x, table, base_weight, weight, bias, spline_config, op, dtype):
         phi = SplineEvaluation(x, table, base_weight, spline_config).values(dtype)
-        out = op.forward(phi, weight.to(dtype), None if bias is None else bias.to(dtype))
+        return op.forward(phi, weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, table, base_weight, weight, bias, spline_config, op, dtype = inputs
         ctx.save_for_backward(x, table, base_weight, weight)
         ctx.spline_config, ctx.op, ctx.dtype, ctx.has_bias = spline_config, op, dtype, bias is not None
-        return out
+
+    @staticmethod
+    def vmap(info, in_dims, x, table, base_weight, weight, bias, spline_config, op, dtype):
+        args = (x, table, base_weight, weight, bias, spline_config, op, dtype)
+        if any(d is not None for d in in_dims[1:5]):  # batched parameters: one sample at a time
+            return per_sample(_KAFunction, info, in_dims, args), 0
+        x, channel_dim = batch_dim_first(x, in_dims[0], spline_config.channel_dim, info.batch_size)
+        if isinstance(op, LinearSpec):  # any leading dimensions; channels last
+            config = spline_config._replace(channel_dim=channel_dim)
+            return _KAFunction.apply(x, table, base_weight, weight, bias, config, op, dtype), 0
+        # a convolution: vmap's batch and the conv's batch (N, C, *spatial) become one batch, channels stay at 1
+        out = _KAFunction.apply(x.flatten(0, 1), table, base_weight, weight, bias, spline_config, op, dtype)
+        return out.unflatten(0, x.shape[:2]), 0
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, table, base_weight, weight = ctx.saved_tensors
+        spline_config, op, dtype, has_bias = ctx.spline_config, ctx.op, ctx.dtype, ctx.has_bias
         need_x, need_table, need_wb, need_weight, need_bias = ctx.needs_input_grad[:5]
         need_phi = need_x or need_table or need_wb
-        evaluation = SplineEvaluation(x, table, base_weight, ctx.spline_config)
-        phi = evaluation.values(ctx.dtype)
-        grad_phi, grad_weight, grad_bias = ctx.op.backward(grad_out.to(ctx.dtype), phi, weight.to(ctx.dtype),
-                                                           ctx.has_bias, [need_phi, need_weight, need_bias])
-        del phi
-        grads = evaluation.gradients(grad_phi, need_x, need_table, need_wb) if need_phi else (None, None, None)
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
-        return (*grads, grad_weight, grad_bias, None, None, None)
+
+        def formula(x, table, base_weight, weight, grad_out):
+            evaluation = SplineEvaluation(x, table, base_weight, spline_config)
+            phi = evaluation.values(dtype)
+            grad_phi, grad_weight, grad_bias = op.backward(grad_out.to(dtype), phi, weight.to(dtype), has_bias,
+                                                           [need_phi, need_weight, need_bias])
+            del phi
+            grads = evaluation.gradients(grad_phi, need_x, need_table, need_wb) if need_phi else (None, None, None)
+            grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+            grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
+            return (*grads, grad_weight, grad_bias)
+
+        return (*first_order_backward(formula, *ctx.saved_tensors, grad_out), None, None, None)
 
 
 class KAModule:
@@ -140,6 +164,8 @@ def _ka_conv(torch_conv: type, name: str) -> type:
         self._init_activation(in_channels, 1, spline_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == len(self.kernel_size) + 1:  # unbatched (C, *spatial), as torch's conv accepts it
+            return forward(self, x.unsqueeze(0)).squeeze(0)
         # String paddings ("same") and non-zero padding modes stay with torch's own conv forward.
         if self._use_fused() and self.padding_mode == "zeros" and not isinstance(self.padding, str):
             spec = ConvSpec(list(self.stride), list(self.padding), list(self.dilation), False,
@@ -161,6 +187,9 @@ def _ka_conv_transpose(torch_conv: type, name: str) -> type:
         self._init_activation(in_channels, 1, spline_kwargs)
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if x.dim() == len(self.kernel_size) + 1:  # unbatched (C, *spatial), as torch's conv accepts it
+            spatial_size = None if output_size is None else list(output_size)[-len(self.kernel_size):]
+            return forward(self, x.unsqueeze(0), spatial_size).squeeze(0)
         if self._use_fused():
             n_spatial = len(self.kernel_size)
             output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
