@@ -95,3 +95,21 @@ def trained_2d(nnunet):
     env = {**nnunet["env"], "nnUNet_extTrainer": ext_path(nnunet["env"])}
     run(["nnUNetv2_train", D2, "2d", "0", "-tr", SMOKE, "-device", "cpu", "--npz"], env)
     return results_folder(nnunet, "Dataset990_KATest2D", SMOKE, "2d")
+
+
+def count_ka_layers_fully_ka(net) -> int:
+    """The number of KA layers of ``net``; fails if a plain conv/linear exists outside them or a module other than
+    a normalisation (or the spline activation inside a KA layer) owns parameters."""
+    from torch import nn
+    from nnunetv2_allukan import KAModule, SharedSplineActivation
+
+    n_ka = 0
+    for name, module in net.named_modules():
+        if isinstance(module, KAModule):
+            n_ka += 1
+        elif isinstance(module, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)):
+            pytest.fail(f"{name} is a plain {type(module).__name__}")
+        elif list(module.parameters(recurse=False)):
+            assert isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                       SharedSplineActivation)), name
+    return n_ka

@@ -9,11 +9,12 @@ from torch import nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunetv2_allukan import KAModule
 from nnunetv2_allukan.architectures import AllUKAN
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN
 from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import (EpochCosineLRScheduler, allukan_arch_kwargs,
                                                             split_spline_parameters)
+
+from conftest import count_ka_layers_fully_ka
 
 
 def plans_arch(dim, n_stages, strides, kernels=None, features=None):
@@ -84,25 +85,13 @@ def test_state_dict_keys_do_not_depend_on_deep_supervision():
     off.load_state_dict(on.state_dict(), strict=True)
 
 
-TORCH_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                     nn.ConvTranspose3d, nn.Bilinear)
 
 
 @pytest.mark.parametrize("case", ["2d_nonsquare", "3d_aniso"])
 def test_network_is_fully_ka(case):
     arch, shape = CASES[case]
     net = build(arch, shape[1], 2, ds=True)
-    n_ka = 0
-    for name, module in net.named_modules():
-        if isinstance(module, KAModule):
-            n_ka += 1
-        elif isinstance(module, TORCH_LAYER_TYPES):
-            pytest.fail(f"{name} is a plain {type(module).__name__}")
-        elif list(module.parameters(recurse=False)):
-            # Only normalisation (and the spline activation inside KA layers) may own parameters.
-            assert isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or \
-                type(module).__name__ == "SharedSplineActivation", name
-    assert n_ka > 10
+    assert count_ka_layers_fully_ka(net) > 10
     assert any(isinstance(m, nn.LayerNorm) for m in net.modules())  # the tokenised blocks are there
 
 

@@ -26,7 +26,7 @@ from nnunetv2_allukan.architectures import AllUKAN, AllUKANResEnc, TokenKABlock,
 from nnunetv2_allukan.architectures.resenc import KAResidualBlock
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN, nnUNetTrainerUKAN
 
-from conftest import D2, D3, SMOKE, ext_path, run
+from conftest import D2, D3, SMOKE, count_ka_layers_fully_ka, ext_path, run
 
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
 CASES = {"2d": ("Dataset990_KATest2D", "2d"), "3d": ("Dataset991_KATest3D", "3d_fullres")}
@@ -169,22 +169,13 @@ def test_state_dict_is_the_same_with_and_without_deep_supervision(resenc_plans, 
     off.load_state_dict(on.state_dict(), strict=True)  # what nnU-Net's predictor does
 
 
-TORCH_LAYER_TYPES = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fully_ka(resenc_plans, case):
     """No plain convolution or linear layer outside KA layers; only norms own other parameters."""
     net = build(load_configuration(resenc_plans, case))
-    n_ka = 0
-    for name, module in net.named_modules():
-        if isinstance(module, KAModule):
-            n_ka += 1
-        elif isinstance(module, TORCH_LAYER_TYPES):
-            pytest.fail(f"{name} is a plain {type(module).__name__}")
-        elif list(module.parameters(recurse=False)):
-            assert isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) or \
-                type(module).__name__ == "SharedSplineActivation", name
+    n_ka = count_ka_layers_fully_ka(net)
     n_residual = sum(isinstance(m, KAResidualBlock) for m in net.modules())
     assert n_ka > 2 * n_residual > 0
 
