@@ -33,12 +33,12 @@ def _shapes_2d(rng, shape):
 
 
 def make_2d_dataset(raw_root: str, dataset_id: int = 990, n_train: int = 8, n_test: int = 2,
-                    shape=(40, 56), seed: int = 0) -> str:
+                    shape=(40, 56), seed: int = 0, name: str = "KATest2D") -> str:
     """Non-square 2D PNG dataset with two foreground labels. Returns the dataset folder."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_KATest2D")
+    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     for i in range(n_train + n_test):
@@ -52,12 +52,12 @@ def make_2d_dataset(raw_root: str, dataset_id: int = 990, n_train: int = 8, n_te
 
 
 def make_3d_dataset(raw_root: str, dataset_id: int = 991, n_train: int = 6, n_test: int = 1,
-                    shape=(10, 28, 24), spacing=(3.0, 1.0, 1.0), seed: int = 1) -> str:
+                    shape=(10, 28, 24), spacing=(3.0, 1.0, 1.0), seed: int = 1, name: str = "KATest3D") -> str:
     """Anisotropic 3D NIfTI dataset (thick slices along the first array axis) with one foreground label."""
     import SimpleITK as sitk
 
     rng = np.random.default_rng(seed)
-    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_KATest3D")
+    folder = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
     zz, yy, xx = np.mgrid[:shape[0], :shape[1], :shape[2]]
@@ -75,4 +75,32 @@ def make_3d_dataset(raw_root: str, dataset_id: int = 991, n_train: int = 6, n_te
             itk.SetSpacing(tuple(reversed(spacing)))  # SimpleITK spacing is (x, y, z)
             sitk.WriteImage(itk, path)
     _write_dataset_json(folder, {"background": 0, "sphere": 1}, ".nii.gz", n_train)
+    return folder
+
+
+# nnU-Net region-based training: each region is a set of labels, predicted with its own sigmoid output.
+REGIONS = {"background": 0, "shapes": [1, 2], "rectangle": [2], "ignore": 3}
+IGNORE_BAND = 3  # rows at the top of each training label map marked "not annotated"
+
+
+def make_2d_regions_dataset(raw_root: str, dataset_id: int = 992, n_train: int = 8, n_test: int = 2,
+                            shape=(40, 56), seed: int = 0, name: str = "KATestRegions2D") -> str:
+    """The images of ``make_2d_dataset`` (same seed: same images) as a region-based dataset with an ignore label.
+
+    Regions "shapes" (ellipse or rectangle, labels 1 and 2) and "rectangle" (label 2), ``regions_class_order``
+    [1, 2]; the top ``IGNORE_BAND`` rows of every training label map carry the ignore label 3 (test labels are
+    complete). Same images and sizes as the 2D dataset, so that its plans can be moved here for fine-tuning.
+    """
+    from PIL import Image
+
+    folder = make_2d_dataset(raw_root, dataset_id, n_train, n_test, shape, seed, name)
+    for path in sorted(os.listdir(os.path.join(folder, "labelsTr"))):
+        seg = np.array(Image.open(os.path.join(folder, "labelsTr", path)))
+        seg[:IGNORE_BAND] = REGIONS["ignore"]
+        Image.fromarray(seg).save(os.path.join(folder, "labelsTr", path))
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    dataset_json.update(labels=REGIONS, regions_class_order=[1, 2])
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(dataset_json, f, indent=2)
     return folder

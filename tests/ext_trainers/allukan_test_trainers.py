@@ -2,8 +2,10 @@
 import os
 
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN
+from nnunetv2_allukan.trainers.variants import SMOKE_TEST_BUDGET, with_budget
 
 
 class nnUNetTrainerAllUKAN_resumeTest(nnUNetTrainerAllUKAN):
@@ -21,3 +23,9 @@ class nnUNetTrainerAllUKAN_resumeTest(nnUNetTrainerAllUKAN):
         if str(self.current_epoch) == os.environ.get("ALLUKAN_TEST_CRASH_AT_EPOCH"):
             raise RuntimeError(f"simulated crash at the start of epoch {self.current_epoch}")
         super().on_train_epoch_start()
+
+
+# nnU-Net's own CNN with the smoke-test budget: the ensemble partner of nnUNetTrainerAllUKAN_smokeTest in tests.
+nnUNetTrainerCNN_smokeTest = with_budget(nnUNetTrainer, "nnUNetTrainerCNN_smokeTest",
+                                         "nnU-Net's CNN for tests only: 1 epoch of 2 iterations.", __name__,
+                                         **SMOKE_TEST_BUDGET)
