@@ -1,6 +1,7 @@
 """``nnunetv2-allukan demo``: real brain data -> nnU-Net -> ALL U-KAN -> Dice, on a CPU, in one command.
 
-Steps (each visible as it runs, each skipped when its output is already there, so a rerun resumes):
+Steps (each visible as it runs, each skipped when its output is already there and was made with the same
+settings, so a rerun resumes; every step records its settings next to its output, ``demo_settings.json``):
 1. build the ICBM152 2D tissue dataset from the installed nilearn wheel (+ the CAT12 cross-template test set
    from deepmriprep) under ``--workdir``;
 2. ``nnUNetv2_plan_and_preprocess`` and a contiguous-slab ``splits_final.json``;
@@ -20,6 +21,7 @@ import subprocess
 import time
 
 TRAINER = "nnUNetTrainerAllUKAN"
+SETTINGS_FILE = "demo_settings.json"
 COMPARATORS = ("nnUNetTrainer", "nnUNetTrainerUKAN")
 CONFIGURATION = "2d"
 
@@ -49,34 +51,72 @@ def setup_environment(workdir: str, device: str) -> dict:
     return env
 
 
-def train_in_process(trainer_name: str, dataset_name: str, fold: int, epochs: int, iterations: int,
-                     val_iterations: int, device: str) -> str:
-    """nnU-Net's own training loop and final validation with a shortened budget; returns the fold folder."""
+def recorded_settings(folder: str) -> dict | None:
+    path = os.path.join(folder, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_settings(folder: str, settings: dict):
+    with open(os.path.join(folder, SETTINGS_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+def settings_difference(recorded: dict | None, wanted: dict) -> str | None:
+    """None if ``recorded`` equals ``wanted``, else what differs, e.g. "epochs 20 -> 5, iterations 25 -> 10"."""
+    if recorded is None:
+        return "no record of its settings (made by an earlier version of the demo)"
+    changed = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
+    return ", ".join(changed) or None
+
+
+def training_settings(epochs: int, iterations: int, val_iterations: int, device: str, downsample: int) -> dict:
+    """What a trained fold depends on, beyond the trainer and fold: recorded in the fold folder."""
+    return {"epochs": epochs, "iterations": iterations, "val_iterations": val_iterations, "device": device,
+            "downsample": downsample}
+
+
+def train_in_process(trainer_name: str, dataset_name: str, fold: int, settings: dict, results_root: str) -> str:
+    """nnU-Net's own training loop and final validation with a shortened budget; returns the fold folder.
+
+    A finished fold is reused only if it was trained with the same ``settings`` (``training_settings``); one
+    trained otherwise is never relabelled, nor silently deleted: the demo stops and says what differs.
+    """
+    from . import crossval
+    from .nnunet_commands import UserError
+
+    fold_folder = crossval.fold_folder(results_root, dataset_name, trainer_name, "nnUNetPlans", CONFIGURATION, fold)
+    if crossval.fold_state(fold_folder) == "done":
+        difference = settings_difference(recorded_settings(fold_folder), settings)
+        if difference:
+            raise UserError(f"{trainer_name} fold {fold} in {fold_folder} was trained with other settings "
+                            f"({difference}). Rerun with the settings it was trained with, use another --workdir, "
+                            f"or delete that folder to retrain it.")
+        log(f"{trainer_name}: finished run with the same settings found in {fold_folder}, not retraining")
+        return fold_folder
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
     from .checkpoints import trainer_class
 
-    cls = trainer_class(trainer_name)
     pre = os.path.join(str(nnUNet_preprocessed), dataset_name)
     plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
     plans["continue_training"] = False
-    trainer = cls(plans, CONFIGURATION, fold, load_json(os.path.join(pre, "dataset.json")),
-                  device=torch.device(device))
-    fold_folder = trainer.output_folder
-    if os.path.isfile(os.path.join(fold_folder, "checkpoint_final.pth")) and \
-            os.path.isfile(os.path.join(fold_folder, "validation", "summary.json")):
-        log(f"{trainer_name}: finished run found in {fold_folder}, not retraining")
-        return fold_folder
-    trainer.num_epochs = epochs
-    trainer.num_iterations_per_epoch = iterations
-    trainer.num_val_iterations_per_epoch = val_iterations
+    device = settings["device"]
+    trainer = trainer_class(trainer_name)(plans, CONFIGURATION, fold, load_json(os.path.join(pre, "dataset.json")),
+                                          device=torch.device(device))
+    trainer.num_epochs = settings["epochs"]
+    trainer.num_iterations_per_epoch = settings["iterations"]
+    trainer.num_val_iterations_per_epoch = settings["val_iterations"]
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    log(f"{trainer_name}: training {epochs} epochs x {iterations} iterations on {device}")
+    log(f"{trainer_name}: training {settings['epochs']} epochs x {settings['iterations']} iterations on {device}")
     trainer.run_training()
     trainer.perform_actual_validation(False)
+    record_settings(fold_folder, settings)  # last: a fold with a record is a finished fold of these settings
     return fold_folder
 
 
@@ -121,11 +161,15 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
 
     log("step 2/5: nnU-Net planning and preprocessing")
     pre = os.path.join(env["nnUNet_preprocessed"], name)
+    preprocessing = {"downsample": info["downsample"], "cases": len(info["cases"])}
     if not os.path.isfile(os.path.join(pre, "nnUNetPlans.json")) or \
-            not os.path.isdir(os.path.join(pre, "nnUNetPlans_2d")):
+            not os.path.isdir(os.path.join(pre, "nnUNetPlans_2d")) or \
+            settings_difference(recorded_settings(pre), preprocessing):
         plan_env = {**env, "nnUNet_n_proc_DA": str(max(1, int(env["nnUNet_n_proc_DA"])))}
+        shutil.rmtree(os.path.join(pre, "nnUNetPlans_2d"), ignore_errors=True)  # no stale cases from other data
         _run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", CONFIGURATION, "-np", "1", "-npfp", "1"],
              plan_env)
+        record_settings(pre, preprocessing)
     splits = slab_splits(info["cases"])
     write_splits(pre, splits)
     for fold in folds:
@@ -137,11 +181,11 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
         log("UKAN comparator not available in this version: comparing with nnU-Net's CNN only")
     log(f"step 3/5: training {', '.join(trainers)} on fold(s) {folds}")
     fold_folders = {t: {} for t in trainers}
+    training = training_settings(epochs, iterations, val_iterations, device, info["downsample"])
     # Fold by fold, so that an interrupted comparison still has every trainer on the finished folds.
     for fold in folds:
         for trainer in trainers:
-            fold_folders[trainer][fold] = train_in_process(trainer, name, fold, epochs, iterations,
-                                                           val_iterations, device)
+            fold_folders[trainer][fold] = train_in_process(trainer, name, fold, training, env["nnUNet_results"])
 
     log("step 4/5: held-out slabs from nnU-Net's own fold validation; nnUNetv2_predict + nnUNetv2_evaluate_folder "
         "on the cross-template set" + (f" (ensemble of folds {folds})" if len(folds) > 1 else ""))
@@ -158,12 +202,17 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
         for trainer in trainers:
             out = cross_template_folder(workdir, trainer, folds)
             summary_file = os.path.join(out, "summary.json")
-            if not os.path.isfile(summary_file):
+            # the ensemble of exactly these models: redone when a fold was retrained since
+            prediction = {"folds": folds, "models": {str(f): recorded_settings(fold_folders[trainer][f])
+                                                     for f in folds}}
+            if not os.path.isfile(summary_file) or settings_difference(recorded_settings(out), prediction):
+                shutil.rmtree(out, ignore_errors=True)
                 _run(["nnUNetv2_predict", "-i", inputs, "-o", out, "-d", str(dataset_id), "-c", CONFIGURATION,
                       "-f", *[str(f) for f in folds], "-tr", trainer, "-device", device, "-npp", "0", "-nps", "0",
                       "--disable_progress_bar"], env, quiet=True)
                 _run(["nnUNetv2_evaluate_folder", labels, out, "-djfile", os.path.join(out, "dataset.json"),
                       "-pfile", os.path.join(out, "plans.json"), "-np", "1"], env, quiet=True)
+                record_settings(out, prediction)
             with open(summary_file) as f:
                 results[trainer]["cross_template"] = _foreground_dice(json.load(f))
 
@@ -172,8 +221,7 @@ def run_demo(workdir: str = "allukan_demo", epochs: int = 20, iterations: int = 
     if len(folds) > 1:
         for path in crossval.write_outputs(os.path.join(report_dir, "crossval"), cv_summary, collected):
             log(f"wrote {path}")
-    summary = write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device,
-                           time.time() - started)
+    summary = write_report(report_dir, results, fold_folders, info, folds, training, time.time() - started)
     print()
     print(summary["table"])
     print()
@@ -213,7 +261,7 @@ def _read_slice(path):
     return sitk.GetArrayFromImage(sitk.ReadImage(path))[0]
 
 
-def write_report(report_dir, results, fold_folders, info, folds, epochs, iterations, device, seconds) -> dict:
+def write_report(report_dir, results, fold_folders, info, folds, training: dict, seconds) -> dict:
     from .checkpoints import load_network
     from ..data.templates import TISSUE_LABELS
     from .plots import plot_activations, plot_examples
@@ -235,8 +283,11 @@ def write_report(report_dir, results, fold_folders, info, folds, epochs, iterati
                                               else "") for k in class_names)
             lines.append(f"| {trainer} | {set_name} | {cells} | {cell(d, 'foreground_mean', 'foreground_mean_std')} |")
     table = "\n".join(lines)
+    epochs, iterations, device = training["epochs"], training["iterations"], training["device"]
     summary = {"dataset": info["name"], "folds": folds, "epochs": epochs, "iterations_per_epoch": iterations,
-               "device": device, "seconds": seconds, "dice": results, "labels": class_names, "table": table}
+               "val_iterations_per_epoch": training["val_iterations"], "downsample": training["downsample"],
+               "spacing_mm": info["spacing"], "device": device, "seconds": seconds, "dice": results,
+               "labels": class_names, "table": table}
     with open(os.path.join(report_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
@@ -269,8 +320,9 @@ def write_report(report_dir, results, fold_folders, info, folds, epochs, iterati
                  f"crossval/crossval.md)")
     with open(os.path.join(report_dir, "report.md"), "w") as f:
         f.write(f"# ALL U-KAN demo: {info['name']}\n\n"
-                f"{fold_text}, {epochs} epochs x {iterations} iterations on {device}, {seconds / 60:.1f} min in "
-                f"total. Held-out slab: nnU-Net's own validation of each fold (slices never trained on, with a gap "
+                f"{fold_text}, {epochs} epochs x {iterations} iterations on {device}, slices downsampled "
+                f"{training['downsample']}x in plane ({' x '.join(f'{v:g}' for v in info['spacing'])} mm), "
+                f"{seconds / 60:.1f} min in total. Held-out slab: nnU-Net's own validation of each fold (slices never trained on, with a gap "
                 f"to the training slabs); cross-template: the CAT12 template, an independently made brain, "
                 f"predicted with nnUNetv2_predict.\n\n{table}\n\n"
                 "![examples](examples.png)\n\n![activations](activations.png)\n\n![progress](progress.png)\n")

@@ -79,3 +79,10 @@ def test_demo_end_to_end_with_a_tiny_budget(tmp_path):
     ensemble = work / "predictions" / "nnUNetTrainerAllUKAN" / "cross_template" / "fold_0_3"
     assert dice["cross_template"]["foreground_mean"] == pytest.approx(
         json.load(open(ensemble / "summary.json"))["foreground_mean"]["Dice"])
+    assert summary["downsample"] == 4 and summary["spacing_mm"] == [4.0, 4.0]
+    # a rerun with another budget must not reuse (and relabel) the models trained with this one
+    again = run(["nnunetv2-allukan", "demo", "--workdir", str(work), "--dataset-id", "502", "--epochs", "2",
+                 "--iterations", "2", "--val-iterations", "1", "--downsample", "4", "--folds", "0", "3"], env,
+                expect_ok=False)
+    assert again.returncode == 2 and "epochs 1 -> 2" in again.stderr and "Traceback" not in again.stderr
+    assert json.load(open(report / "summary.json")) == summary
