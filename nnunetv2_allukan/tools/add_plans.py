@@ -20,15 +20,14 @@ def add_allukan_configuration(plans: dict, source: str, target: str, ka_kwargs: 
     if source not in plans["configurations"]:
         raise UserError(f"configuration {source!r} is not in the plans; available: "
                         f"{', '.join(plans['configurations'])}")
-    resolved = PlansManager(plans).get_configuration(source)
-    arch = resolved.configuration["architecture"]
+    resolved = PlansManager(plans).get_configuration(source)  # nnU-Net resolves the source's own inheritance
     new_plans = json.loads(json.dumps(plans))
     new_plans["configurations"][target] = {
         "inherits_from": source,
         "architecture": {
             "network_class_name": ALLUKAN_CLASS_NAME,
-            "arch_kwargs": allukan_arch_kwargs(arch["arch_kwargs"], ka_kwargs),
-            "_kw_requires_import": list(arch["_kw_requires_import"]),
+            "arch_kwargs": allukan_arch_kwargs(resolved.network_arch_init_kwargs, ka_kwargs),
+            "_kw_requires_import": list(resolved.network_arch_init_kwargs_req_import),
         },
     }
     return new_plans
