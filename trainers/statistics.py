@@ -80,6 +80,8 @@ class KAStatistics:
         self._outside = {}
         self._outside_hooks = []
         net = self._statistics_network()
+        # The parameters do not change within an epoch: group them once here, not in every train_step.
+        self._parameter_kinds = parameter_kinds(net)
         for name, module in net.named_modules():
             if isinstance(module, KAModule):
                 self._outside_hooks.append(module.register_forward_pre_hook(self._outside_hook(name)))
@@ -97,7 +99,7 @@ class KAStatistics:
 
     def train_step(self, batch: dict) -> dict:
         self._last_batch = batch  # a reference only: the gradient-fidelity check reuses the epoch's last batch
-        with recording_clip_norm(parameter_kinds(self._statistics_network()), self._clip_record):
+        with recording_clip_norm(self._parameter_kinds, self._clip_record):
             result = super().train_step(batch)
         for handle in self._outside_hooks:  # the first iteration of an epoch is sample enough
             handle.remove()
