@@ -22,7 +22,7 @@ def _plans(**ka) -> PlansManager:
         "network_class_name": cfg.network_class_name, "arch_kwargs": cfg.arch_kwargs,
         "_kw_requires_import": list(cfg.req_import)}}}}
     ka_kwargs = {**DEFAULTS, **ka, "grid_range": list(ka.get("grid_range", DEFAULTS["grid_range"]))}
-    return PlansManager(add_allukan_configuration(plans, "2d", "2d_allukan", ka_kwargs))
+    return PlansManager(add_allukan_configuration(plans, "2d", "2d_allukan", ka_kwargs)[0])
 
 
 def _activations(trainer, plans_manager, configuration):

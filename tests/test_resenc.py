@@ -24,7 +24,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2_allukan import KAModule
 from nnunetv2_allukan.architectures import AllUKAN, AllUKANResEnc, TokenKABlock, UKAN
 from nnunetv2_allukan.architectures.resenc import KAResidualBlock
+from nnunetv2_allukan.tools.add_plans import add_allukan_configuration
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN, nnUNetTrainerUKAN
+from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_RESENC_CLASS_NAME
 
 from conftest import D2, D3, SMOKE, count_ka_layers_fully_ka, ext_path, run
 
@@ -87,6 +89,22 @@ def test_a_network_without_a_residual_encoder_gets_plain_blocks(resenc_plans):
     blocks = cfg.cm.network_arch_init_kwargs["n_blocks_per_stage"]
     assert [len(stage[0].convs) for stage in net.encoder.stages] == list(blocks)
     assert "plain" in nnUNetTrainerUKAN.network_choice(cfg.cm).reason
+
+
+def test_add_plans_on_resenc_plans_names_the_residual_ka_encoder(resenc_plans):
+    """``add-plans`` writes the network nnUNetTrainerAllUKAN builds from the same plans, so nnU-Net's stock trainer
+    on the added configuration trains the residual KA encoder, not plain KA blocks."""
+    cfg = load_configuration(resenc_plans, "2d")
+    plans = json.loads(json.dumps(cfg.plans_manager.plans))
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "grid_range": list(nnUNetTrainerAllUKAN.ka_kwargs["grid_range"])}
+    new_plans, reason = add_allukan_configuration(plans, "2d", "2d_allukan", ka_kwargs)
+    assert "AllUKANResEnc" in reason
+    added = PlansManager(new_plans).get_configuration("2d_allukan")
+    assert added.network_arch_class_name == ALLUKAN_RESENC_CLASS_NAME
+    stock = nnUNetTrainer.build_network_architecture(cfg.plans_manager, added, cfg.in_channels, cfg.n_out, True)
+    ours = build(cfg)
+    assert type(stock) is AllUKANResEnc
+    assert {k: v.shape for k, v in stock.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
 
 
 def _conv_shapes(module: nn.Module) -> list:

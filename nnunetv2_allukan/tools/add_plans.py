@@ -1,7 +1,9 @@
 """``nnunetv2-allukan add-plans``: add a plans configuration (e.g. ``2d_allukan``) that names AllUKAN.
 
 The new configuration inherits an existing one and only swaps the network, so nnU-Net's stock ``nnUNetTrainer``
-trains ALL U-KAN without ``nnUNet_extTrainer``.
+trains ALL U-KAN without ``nnUNet_extTrainer``. The network is the one ``nnUNetTrainerAllUKAN`` would build from
+the source configuration (``network_for_plans``): AllUKAN from plain plans, the residual KA encoder
+(AllUKANResEnc) from nnU-Net's ResEnc presets, so both routes train the same network.
 """
 from __future__ import annotations
 
@@ -12,25 +14,28 @@ import shutil
 from .nnunet_commands import UserError, dataset_name, require_env
 
 
-def add_allukan_configuration(plans: dict, source: str, target: str, ka_kwargs: dict) -> dict:
-    """Return plans with a configuration ``target`` that inherits ``source`` and names AllUKAN."""
+def add_allukan_configuration(plans: dict, source: str, target: str, ka_kwargs: dict) -> tuple[dict, str]:
+    """Plans with a configuration ``target`` that inherits ``source`` and names AllUKAN (or, for residual-encoder
+    plans, AllUKANResEnc), and one line saying which network and why."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_CLASS_NAME, allukan_arch_kwargs
+    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_CLASS_NAME, network_for_plans
 
     if source not in plans["configurations"]:
         raise UserError(f"configuration {source!r} is not in the plans; available: "
                         f"{', '.join(plans['configurations'])}")
     resolved = PlansManager(plans).get_configuration(source)  # nnU-Net resolves the source's own inheritance
+    choice = network_for_plans(ALLUKAN_CLASS_NAME, resolved.network_arch_class_name,
+                               resolved.network_arch_init_kwargs, ka_kwargs)
     new_plans = json.loads(json.dumps(plans))
     new_plans["configurations"][target] = {
         "inherits_from": source,
         "architecture": {
-            "network_class_name": ALLUKAN_CLASS_NAME,
-            "arch_kwargs": allukan_arch_kwargs(resolved.network_arch_init_kwargs, ka_kwargs),
+            "network_class_name": choice.class_name,
+            "arch_kwargs": choice.arch_kwargs,
             "_kw_requires_import": list(resolved.network_arch_init_kwargs_req_import),
         },
     }
-    return new_plans
+    return new_plans, choice.reason
 
 
 def _check_builds(plans: dict, configuration: str):
@@ -68,7 +73,7 @@ def add_plans(args) -> int:
     if target in plans["configurations"] and not args.overwrite:
         raise UserError(f"configuration {target!r} already exists in {plans_file}; pass --overwrite to replace it")
     ka_kwargs["grid_range"] = list(ka_kwargs["grid_range"])
-    new_plans = add_allukan_configuration(plans, args.configuration, target, ka_kwargs)
+    new_plans, network = add_allukan_configuration(plans, args.configuration, target, ka_kwargs)
     _check_builds(new_plans, target)
     backup = plans_file + ".bak"
     if not os.path.exists(backup):
@@ -77,6 +82,6 @@ def add_plans(args) -> int:
     with open(tmp, "w") as f:
         json.dump(new_plans, f, indent=4, sort_keys=False)
     os.replace(tmp, plans_file)
-    print(f"Added configuration {target!r} (inherits {args.configuration!r}, network AllUKAN) to {plans_file}")
+    print(f"Added configuration {target!r} (inherits {args.configuration!r}; network {network}) to {plans_file}")
     print(f"Train it with the stock trainer:  nnUNetv2_train {args.dataset} {target} FOLD")
     return 0
