@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("add-plans", help="add a plans configuration that names AllUKAN (stock trainer, no variable)")
     p.add_argument("-d", dest="dataset", required=True, help="dataset id or name")
     p.add_argument("-c", dest="configuration", required=True, help="configuration to inherit, e.g. 2d, 3d_fullres")
-    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans; ResEnc plans get the residual KA encoder)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans",
+                   help="plans identifier (default nnUNetPlans; ResEnc plans get the residual KA encoder)")
     p.add_argument("--name", help="new configuration name (default: <configuration>_allukan)")
     p.add_argument("--spline-grad", dest="spline_grad", choices=["free", "exact"])
     p.add_argument("--share", choices=["layer", "channel"])
