@@ -116,6 +116,18 @@ def test_spline_group_holds_exactly_the_activation_parameters(optimizer):
         assert [type(o).__name__ for o in opt.optimizers] == ["SGD", "Adam"]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_network_without_splines_gets_nnunets_single_sgd_group(optimizer):
+    """A fixed activation has no spline parameters: one SGD group over every parameter, no empty Adam."""
+    net = _tiny_allukan(activation="fixed-leakyrelu")
+    opt, scheduler = _configure(net, optimizer, warmup=0.2)
+    assert type(opt) is torch.optim.SGD and len(opt.param_groups) == 1
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in net.parameters()}
+    assert opt.param_groups[0]["weight_decay"] == 3e-5 and opt.param_groups[0]["momentum"] == 0.99
+    scheduler.step(5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * (1 - 5 / 10) ** 0.9)
+
+
 def test_warmup_freezes_the_splines_then_releases_them():
     torch.manual_seed(0)
     net = _tiny_allukan()

@@ -118,6 +118,13 @@ class SplineParameterGroup:
     def configure_optimizers(self):
         spline, other = split_spline_parameters(self.network)
         sgd = dict(momentum=0.99, nesterov=True)
+        if self.spline_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"spline_optimizer={self.spline_optimizer!r}; allowed: 'sgd', 'adam'")
+        if not spline:
+            # No learnable activation (fixed phi, or a network without KA layers): nnU-Net's single SGD group;
+            # an empty Adam would be an error, and an empty group would shift the group indices.
+            optimizer = torch.optim.SGD(other, lr=self.initial_lr, weight_decay=self.weight_decay, **sgd)
+            return optimizer, EpochPolyLRScheduler(optimizer, self.num_epochs)
         if self.spline_optimizer == "sgd":
             optimizer = torch.optim.SGD([
                 {"params": other, "lr": self.initial_lr, "weight_decay": self.weight_decay},
@@ -126,8 +133,6 @@ class SplineParameterGroup:
             optimizer = CombinedOptimizer([
                 torch.optim.SGD(other, lr=self.initial_lr, weight_decay=self.weight_decay, **sgd),
                 torch.optim.Adam(spline, lr=self.spline_lr, weight_decay=0.0)])
-        else:
-            raise ValueError(f"spline_optimizer={self.spline_optimizer!r}; allowed: 'sgd', 'adam'")
         n_frozen = round(self.spline_warmup_fraction * self.num_epochs)
         frozen = {len(optimizer.param_groups) - 1: n_frozen} if n_frozen else {}
         return optimizer, EpochPolyLRScheduler(optimizer, self.num_epochs, frozen_epochs=frozen)
