@@ -223,9 +223,104 @@ def report(args) -> int:
                      f"{r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
     with open(os.path.join(args.out, "runs.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    summary = summary_tables(rows)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary)
     print("\n".join(lines))
+    print(summary)
     _plot_curves(rows, os.path.join(args.out, "learning_curves.png"))
+    _plot_boxes(rows, os.path.join(args.out, "dice_boxplots.png"))
     return 0
+
+
+BASELINE = "nnUNetTrainer"  # nnU-Net's CNN: every paired difference is against it
+
+
+def _setting(r: dict) -> tuple:
+    return r["task"], r.get("plans", "nnUNetPlans")
+
+
+def summary_tables(rows: list[dict]) -> str:
+    """Markdown: (1) mean over folds per trainer at each budget, with the paired difference to nnU-Net's CNN on the
+    folds both have; (2) gap versus budget per fold; (3) equal wall time: each run against the CNN run of the same
+    task, fold and seed, at any budget, whose training took closest to as long (and not longer)."""
+    out = ["## Mean over folds (equal iterations)", "",
+           f"Δ: paired difference to `{BASELINE}` on the folds both trainers finished (same seed); wins: folds "
+           "where the trainer's foreground Dice is higher.", "",
+           "| task | plans | iterations | trainer | folds | foreground Dice mean ± sd | Δ vs CNN (mean) | wins | "
+           "train s (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((*_setting(r), r["iterations"], r["trainer"]), []).append(r)
+    for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2], k[3] != BASELINE, k[3])):
+        runs = sorted(by_key[key], key=lambda r: (r["fold"], r["seed"]))
+        dice = [r["foreground_mean"] for r in runs]
+        sd = f" ± {statistics.stdev(dice):.4f}" if len(dice) > 1 else ""
+        base = {(r["fold"], r["seed"]): r["foreground_mean"] for r in by_key.get((*key[:3], BASELINE), [])}
+        paired = [r["foreground_mean"] - base[(r["fold"], r["seed"])] for r in runs if (r["fold"], r["seed"]) in base]
+        delta = "–" if key[3] == BASELINE or not paired else f"{statistics.mean(paired):+.4f} (n={len(paired)})"
+        wins = "–" if key[3] == BASELINE or not paired else f"{sum(d > 0 for d in paired)}/{len(paired)}"
+        folds = ",".join(str(r["fold"]) for r in runs)
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {folds} | **{statistics.mean(dice):.4f}**{sd} | "
+                   f"{delta} | {wins} | {statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+
+    budgets = sorted({r["iterations"] for r in rows})
+    out += ["", "## Gap versus budget (foreground Dice per fold)", "",
+            "| task | plans | fold | seed | trainer | " + " | ".join(f"{b} it" for b in budgets) + " |",
+            "|---|---|---|---|---|" + "---|" * len(budgets)]
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((*_setting(r), r["fold"], r["seed"], r["trainer"]), {})[r["iterations"]] = r["foreground_mean"]
+    for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != BASELINE, k[4])):
+        values = " | ".join(f"{cells[key][b]:.4f}" if b in cells[key] else "" for b in budgets)
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {values} |")
+
+    out += ["", "## Equal wall time", "",
+            f"Each run against the `{BASELINE}` run of the same task, plans, fold and seed (any budget) whose training "
+            "took longest without exceeding this run's time. Wall times are comparable only between runs made under "
+            "the same conditions (the `threads` and machine load recorded in each run's JSON).", "",
+            "| task | plans | fold | trainer | iterations | train s | Dice | CNN iterations | CNN train s | CNN Dice | "
+            "Δ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (*_setting(r), r["fold"], r["seed"], r["trainer"], r["iterations"])):
+        if r["trainer"] == BASELINE:
+            continue
+        cnn = [c for c in rows if c["trainer"] == BASELINE and _setting(c) == _setting(r) and c["fold"] == r["fold"]
+               and c["seed"] == r["seed"] and c.get("threads") == r.get("threads")
+               and c["train_seconds"] <= r["train_seconds"]]
+        if not cnn:
+            continue
+        c = max(cnn, key=lambda c: c["train_seconds"])
+        out.append(f"| {r['task']} | {_setting(r)[1]} | {r['fold']} | {r['trainer']} | {r['iterations']} | "
+                   f"{r['train_seconds']:.0f} | {r['foreground_mean']:.4f} | {c['iterations']} | "
+                   f"{c['train_seconds']:.0f} | {c['foreground_mean']:.4f} | "
+                   f"{r['foreground_mean'] - c['foreground_mean']:+.4f} |")
+    return "\n".join(out) + "\n"
+
+
+def _plot_boxes(rows, path):
+    """Per-fold foreground Dice per trainer, one panel per task x plans x budget with at least two folds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(*_setting(r), r["iterations"]) for r in rows})
+    panels = [p for p in panels if len({r["fold"] for r in rows if (*_setting(r), r["iterations"]) == p}) > 1]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for panel, ax in zip(panels, axes[0]):
+        runs = [r for r in rows if (*_setting(r), r["iterations"]) == panel]
+        trainers = sorted({r["trainer"] for r in runs}, key=lambda t: (t != BASELINE, t))
+        data = [[r["foreground_mean"] for r in runs if r["trainer"] == t] for t in trainers]
+        ax.boxplot(data)
+        for i, values in enumerate(data, start=1):
+            ax.scatter([i] * len(values), values, s=12, zorder=3)
+        ax.set_xticks(range(1, len(trainers) + 1),
+                      [t.replace("nnUNetTrainer", "").lstrip("_") or "CNN" for t in trainers], rotation=30,
+                      ha="right", fontsize=7)
+        ax.set(title=f"{panel[0]} ({panel[1]}), {panel[2]} iterations", ylabel="foreground Dice per fold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def _label_order(key: str):
