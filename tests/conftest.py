@@ -18,6 +18,16 @@ from nnunetv2_allukan.data.synthetic import make_2d_dataset, make_3d_dataset
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny networks: a second thread only adds OpenMP overhead (badly so on a busy 2-core
+    machine). Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -18,13 +18,8 @@ from nnunetv2_allukan.trainers.comparators import (nnUNetTrainerStackedKAN, nnUN
 REQ_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: a second thread only adds OpenMP overhead (badly so on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks (conftest)
+
 NETWORKS = {"UKAN": "nnunetv2_allukan.architectures.comparators.UKAN",
             "StackedKAN": "nnunetv2_allukan.architectures.comparators.StackedKAN"}
 PLAIN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,

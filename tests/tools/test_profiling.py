@@ -20,13 +20,7 @@ WIDTHS = ["--base-features", "4", "--max-features", "8"]
 ROWS = ["cnn", "free", "stacked"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: a second thread only adds OpenMP overhead (badly so on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks (conftest)
 
 
 @pytest.fixture(scope="module")
