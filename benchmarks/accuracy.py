@@ -13,6 +13,8 @@ interrupted batch keeps what finished and a rerun skips it.
 Tasks (built from installed wheels on first use, planned with nnU-Net's default planner, slab folds):
   icbm          ICBM152 grey/white matter, 2D axial slices at --downsample mm (default 3, the demo's)
   parcellation  CAT12 template + neuromorphometrics atlas in 10 lobes/structures, 2D at --downsample mm
+  icbm3d        ICBM152 grey/white matter as 3D axial slabs of 12 slices (3d_fullres), 3 slab folds with one
+                slab left out on each side of the validation slabs
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ import sys
 import time
 
 PLANS = {"default": "nnUNetPlans", "resencm": "nnUNetResEncUNetMPlans"}  # --plans: nnU-Net's default or ResEnc M
-TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D"},
-         "parcellation": {"dataset_id": 514, "name": "Dataset514_NMMParcellation2D"}}
+TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D", "configuration": "2d"},
+         "parcellation": {"dataset_id": 514, "name": "Dataset514_NMMParcellation2D", "configuration": "2d"},
+         "icbm3d": {"dataset_id": 513, "name": "Dataset513_ICBM152Tissue3D", "configuration": "3d_fullres"}}
+SLABS_3D = 12  # slices per 3D case: ~15 cases with tissue, enough for 3 folds with a one-slab gap
 
 
 def task_environment(workdir: str, budget_tag: str) -> dict:
@@ -60,19 +64,25 @@ def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default
         subprocess.run([nnunet_command("nnUNetv2_plan_experiment"), "-d", str(spec["dataset_id"]), "-pl", "nnUNetPlannerResEncM"],
                        check=True, env=planning_env)
         subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(spec["dataset_id"]), "-plans_name", PLANS["resencm"],
-                        "-c", "2d", "-np", "1"], check=True, env=planning_env)
+                        "-c", spec["configuration"], "-np", "1"], check=True, env=planning_env)
     if os.path.isfile(os.path.join(pre, "splits_final.json")):
         return
     from nnunetv2_allukan.data.templates import slab_splits, write_splits
-    if task == "icbm":
+    folds = dict(n_folds=5, gap=3)  # 2D: neighbouring slices are near-duplicates; 3 slices either side are left out
+    if task == "icbm3d":
+        from nnunetv2_allukan.data.templates import make_icbm152_3d
+        info = make_icbm152_3d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample, slab_thickness=SLABS_3D)
+        folds = dict(n_folds=3, gap=1)  # 3D cases are disjoint slabs; the slab touching a validation slab is left out
+    elif task == "icbm":
         from nnunetv2_allukan.data.templates import make_icbm152_2d
         info = make_icbm152_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample, cross_template=False)
     else:
         from nnunetv2_allukan.data.parcellation import make_parcellation_2d
         info = make_parcellation_2d(env["nnUNet_raw"], spec["dataset_id"], downsample=downsample)
-    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(spec["dataset_id"]), "-c", "2d", "-np", "1",
-                    "-npfp", "1"], check=True, env={**env, "nnUNet_n_proc_DA": "1"})  # preprocessing needs >= 1
-    write_splits(pre, slab_splits(info["cases"]))
+    subprocess.run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(spec["dataset_id"]), "-c",
+                    spec["configuration"], "-np", "1", "-npfp", "1"],
+                   check=True, env={**env, "nnUNet_n_proc_DA": "1"})  # preprocessing needs >= 1
+    write_splits(pre, slab_splits(info["cases"], **folds))
 
 
 def budget_tag(epochs: int, iterations: int, plans: str = "default") -> str:
@@ -102,7 +112,8 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     pre = os.path.join(str(nnUNet_preprocessed), TASKS[task]["name"])
     plans = load_json(os.path.join(pre, PLANS[plans_name] + ".json"))
     plans["continue_training"] = False
-    trainer = trainer_class(trainer_name)(plans, "2d", fold, load_json(os.path.join(pre, "dataset.json")),
+    trainer = trainer_class(trainer_name)(plans, TASKS[task]["configuration"], fold,
+                                          load_json(os.path.join(pre, "dataset.json")),
                                           device=torch.device("cpu"))
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
@@ -187,6 +198,7 @@ def train_one_command(args) -> int:
     result = train_one(args.task, args.trainer, args.fold, args.epochs, args.iterations, args.seed,
                        os.path.abspath(args.workdir), args.threads, args.plans)
     result["plans"] = PLANS[args.plans]
+    result["configuration"] = TASKS[args.task]["configuration"]
     result["command"] = (f"python benchmarks/accuracy.py run --task {args.task} --trainers {args.trainer} "
                          f"--folds {args.fold} --epochs {args.epochs} --iterations {args.iterations} "
                          f"--seeds {args.seed} --plans {args.plans}")
