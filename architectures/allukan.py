@@ -190,7 +190,7 @@ class AllUKAN(nn.Module):
     dotted name), ``kernel_sizes``, ``strides``, ``n_conv_per_stage``, ``num_classes``,
     ``n_conv_per_stage_decoder``, ``conv_bias``, ``norm_op`` (+kwargs; default: instance norm), ``dropout_op``
     (+kwargs), ``deep_supervision``.
-    Args (KA): ``spline_grad`` ("free"|"exact"), ``share`` ("layer"|"channel"), ``grid_size``, ``grid_range``,
+    Args (KA): ``spline_grad`` ("free"|"exact"), ``share`` ("layer"|"channel"|"group": 8 groups of channels), ``grid_size``, ``grid_range``,
     ``token_stages`` (how many of the deepest resolutions carry a tokenised KA block, default 2),
     ``skip_mode`` ("concat"|"add"), ``impl``, ``activation`` ("spline"|"fixed-silu"|"fixed-leakyrelu": the
     frozen-activation controls) and ``spline_init`` ("silu-noise"|"leakyrelu") (see SharedSplineActivation).

@@ -1,8 +1,8 @@
 """SharedSplineActivation: the SaKAN activation with the Grad-Free Spline (DESIGN.md §2).
 
-phi(x) = w_b * b(x) + sum_j c_j B_j(x), one coefficient vector per layer (``share="layer"``) or per
-input channel (``share="channel"``). The base function b is silu (the KAN default) or nnU-Net's
-LeakyReLU(0.01) (``base="leakyrelu"``).
+phi(x) = w_b * b(x) + sum_j c_j B_j(x), one coefficient vector per layer (``share="layer"``), per input channel
+(``share="channel"``) or per group of consecutive input channels (``share="group"``, ``num_groups`` groups). The
+base function b is silu (the KAN default) or nnU-Net's LeakyReLU(0.01) (``base="leakyrelu"``).
 
 What is learned (``activation``):
 * ``"spline"``: w_b and c are parameters (the KA layer proper).
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ from . import spline
 from .func_transforms import first_order_backward, pointwise_vmap
 from .kernels import BACKENDS, default_backend, resolve_backend
 
-SHARE_MODES = ("layer", "channel")
+SHARE_MODES = ("layer", "channel", "group")
 SPLINE_GRAD_MODES = ("free", "exact")
 IMPLEMENTATIONS = ("function", "plain")
 BASE_FUNCTIONS = ("silu", "leakyrelu")
@@ -95,7 +97,7 @@ class SplineEvaluation:
         if c.backend == "triton":
             return _kernel_ops().spline_phi(self.x, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim,
                                             c.base, LEAKY_SLOPE, dtype)
-        layout = spline.MemoryLayout(self.x, c.channel_dim)
+        layout = spline.MemoryLayout(self.x, c.channel_dim, self.table.shape[0])
         out = layout.empty(dtype)
         out2 = _planes(layout.view3(out))
         for piece in self._pieces(layout):
@@ -116,7 +118,7 @@ class SplineEvaluation:
                 grad_wb if need_base_weight else None)
 
     def _torch_gradients(self, grad_phi: torch.Tensor, need_x: bool, need_params: bool):
-        layout = spline.MemoryLayout(self.x, self.config.channel_dim)
+        layout = spline.MemoryLayout(self.x, self.config.channel_dim, self.table.shape[0])
         g2 = _planes(layout.view3(layout.like(grad_phi)))
         grad_x = layout.empty(self.x.dtype) if need_x else None
         grad_x2 = _planes(layout.view3(grad_x)) if need_x else None
@@ -259,11 +261,14 @@ class SharedSplineActivation(nn.Module):
     """Learnable shared univariate activation phi(x) = w_b * b(x) + sum_j c_j B_j(x).
 
     Args:
-        num_channels: number of input channels; required for ``share="channel"``.
+        num_channels: number of input channels; required for ``share="channel"`` and ``"group"``.
         grid_size: number of spline intervals G on ``grid_range`` (nb = G + 3 coefficients).
         grid_range: (lo, hi). Values outside ``[lo - 3h, hi + 3h]`` see only the base part. The default
             of (-3, 3) matches inputs that come from instance/layer normalisation.
-        share: ``"layer"`` (one spline for the whole layer) or ``"channel"`` (one per input channel).
+        share: ``"layer"`` (one spline for the whole layer), ``"channel"`` (one per input channel) or ``"group"``
+            (one per group of consecutive channels: gcd(num_channels, num_groups) groups, so a 1-channel input
+            layer has one spline and 32 channels in 8 groups have one per 4 channels).
+        num_groups: the number of groups for ``share="group"`` (ignored otherwise).
         spline_grad: ``"free"`` (Grad-Free Spline) or ``"exact"``.
         channel_dim: which dimension of the input holds channels (1 for conv inputs, -1 for Linear).
         impl: ``"function"`` (custom autograd Function: keeps only x, fastest eager, and traced by
@@ -284,7 +289,8 @@ class SharedSplineActivation(nn.Module):
     def __init__(self, num_channels: int | None = None, grid_size: int = 5,
                  grid_range: tuple[float, float] = (-3.0, 3.0), share: str = "layer", spline_grad: str = "free",
                  channel_dim: int = 1, impl: str = "function", init_scale: float = 0.1,
-                 activation: str = "spline", spline_init: str = "silu-noise", backend: str = "auto"):
+                 activation: str = "spline", spline_init: str = "silu-noise", backend: str = "auto",
+                 num_groups: int = 8):
         super().__init__()
         for name, value, allowed in (("share", share, SHARE_MODES), ("spline_grad", spline_grad, SPLINE_GRAD_MODES),
                                      ("impl", impl, IMPLEMENTATIONS), ("activation", activation, ACTIVATIONS),
@@ -296,17 +302,21 @@ class SharedSplineActivation(nn.Module):
         if backend == "auto":
             backend = default_backend()
         lo, hi = spline.validate_grid(grid_size, grid_range)
-        if share == "channel":
+        if share in ("channel", "group"):
             if num_channels is None or int(num_channels) < 1:
-                raise ValueError("share='channel' needs num_channels (the number of input channels), "
+                raise ValueError(f"share={share!r} needs num_channels (the number of input channels), "
                                  f"got {num_channels!r}")
-            n_splines = int(num_channels)
+            if share == "group" and (isinstance(num_groups, bool) or not isinstance(num_groups, int)
+                                     or num_groups < 1):
+                raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
+            n_splines = int(num_channels) if share == "channel" else math.gcd(int(num_channels), num_groups)
         else:
             n_splines = 1
         self.num_channels = None if num_channels is None else int(num_channels)
         self.grid_size = grid_size
         self.grid_range = (lo, hi)
         self.share = share
+        self.num_groups = n_splines if share == "group" else None
         self.spline_grad = spline_grad
         self.channel_dim = channel_dim
         self.impl = impl
@@ -341,15 +351,20 @@ class SharedSplineActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_channels={self.num_channels}, grid_size={self.grid_size}, grid_range={self.grid_range}, "
-                f"share={self.share!r}, spline_grad={self.spline_grad!r}, activation={self.kind!r}, "
+                f"share={self.share!r}{f', num_groups={self.num_groups}' if self.num_groups else ''}, spline_grad={self.spline_grad!r}, activation={self.kind!r}, "
                 f"base={self.base!r}, backend={self.backend!r}")
 
+    @property
+    def spline_channel_dim(self) -> int | None:
+        """The dimension the splines are spread over; None for one spline per layer."""
+        return None if self.share == "layer" else self.channel_dim
+
     def _check_input(self, x: torch.Tensor):
-        if self.share == "channel":
-            if x.dim() == 0 or x.shape[self.channel_dim] != self.coef.shape[0]:
+        if self.share != "layer":
+            if x.dim() == 0 or x.shape[self.channel_dim] != self.num_channels:
                 got = "a scalar" if x.dim() == 0 else f"shape {tuple(x.shape)}"
-                raise ValueError(f"SharedSplineActivation(share='channel') expects {self.coef.shape[0]} channels "
-                                 f"in dimension {self.channel_dim}, got {got}")
+                raise ValueError(f"SharedSplineActivation(share={self.share!r}) expects {self.num_channels} "
+                                 f"channels in dimension {self.channel_dim}, got {got}")
 
     def uses_function(self) -> bool:
         """True when phi runs through the custom autograd Function, False for the plain-ops path."""
@@ -362,8 +377,8 @@ class SharedSplineActivation(nn.Module):
         """
         self._check_input(x)
         dtype = _compute_dtype(x)
-        config = SplineConfig(self.grid_range[0], self.inv_h, self.grid_size,
-                              self.channel_dim if self.share == "channel" else None, self.spline_grad == "exact",
+        config = SplineConfig(self.grid_range[0], self.inv_h, self.grid_size, self.spline_channel_dim,
+                              self.spline_grad == "exact",
                               self.base, resolve_backend(self.backend, x))
         return spline.spline_table(self.coef.to(dtype)), self.base_weight.to(dtype), config
 
@@ -372,7 +387,7 @@ class SharedSplineActivation(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             if not self.uses_function():
                 self._check_input(x)
-                return self._forward_plain(x, self.channel_dim if self.share == "channel" else None)
+                return self._forward_plain(x, self.spline_channel_dim)
             return _SharedSplineFunction.apply(x, *self.function_inputs(x))
 
     def _forward_plain(self, x: torch.Tensor, channel_dim: int | None) -> torch.Tensor:
@@ -380,14 +395,17 @@ class SharedSplineActivation(nn.Module):
         u = (x32 - self.grid_range[0]) * self.inv_h
         if self.spline_grad == "free":
             u = u.detach()
-        coef = self.coef.to(x32.dtype)
+        coef, wb = self.coef.to(x32.dtype), self.base_weight.to(x32.dtype)
         if channel_dim is None:
             columns = [coef[0, j] for j in range(coef.shape[1])]
-            wb = self.base_weight.to(x32.dtype)[0]
+            wb = wb[0]
         else:
+            if coef.shape[0] != x32.shape[channel_dim]:  # share="group": each group's spline for its channels
+                per_group = x32.shape[channel_dim] // coef.shape[0]
+                coef, wb = coef.repeat_interleave(per_group, 0), wb.repeat_interleave(per_group, 0)
             shape = _channel_shape(x32, channel_dim)
             columns = [coef[:, j].reshape(shape) for j in range(coef.shape[1])]
-            wb = self.base_weight.to(x32.dtype).reshape(shape)
+            wb = wb.reshape(shape)
         out = wb * self._base_function(x32) + spline.spline_on_the_fly(u, columns)
         return out.to(x.dtype)
 

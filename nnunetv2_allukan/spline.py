@@ -143,11 +143,13 @@ class MemoryLayout:
     (``A``) and everything faster (``B``) in memory. Both evaluation paths of the activation work on this view, so
     channels_last inputs need no copy and outputs keep the input's strides.
 
-    ``channel_dim=None`` (one spline for the layer): ``(1, 1, numel)``. An input that is not dense (a strided
+    ``channel_dim=None`` (one spline for the layer): ``(1, 1, numel)``. ``n_splines`` fewer than the channels (a
+    spline per group of consecutive channels, ``share="group"``): ``(A, n_splines, C / n_splines * B)``, a view
+    too, because the channels of a group are neighbours in memory order. An input that is not dense (a strided
     slice, an expanded tensor) is copied to contiguous first.
     """
 
-    def __init__(self, x: torch.Tensor, channel_dim: int | None):
+    def __init__(self, x: torch.Tensor, channel_dim: int | None, n_splines: int | None = None):
         perm = _dense_permutation(x)
         if perm is None:
             x, perm = x.contiguous(), tuple(range(x.dim()))
@@ -157,7 +159,12 @@ class MemoryLayout:
             self.shape3 = (1, 1, x.numel())
         else:
             pos = perm.index(channel_dim % x.dim())
-            self.shape3 = (math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:]))
+            a, c, b = math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:])
+            if n_splines is not None and n_splines != c:
+                if n_splines < 1 or c % n_splines:
+                    raise ValueError(f"{n_splines} splines cannot share {c} channels in equal groups")
+                c, b = n_splines, c // n_splines * b
+            self.shape3 = (a, c, b)
 
     def view3(self, t: torch.Tensor) -> torch.Tensor:
         """The ``(A, C, B)`` view of a tensor laid out like ``self.x`` (``like`` or ``empty`` made it)."""

@@ -3,13 +3,14 @@
 The plans side is what ``nnunetv2-allukan add-plans`` writes; the checks read the built layers themselves.
 """
 import pytest
+import torch
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_allukan.activation import SharedSplineActivation
 from nnunetv2_allukan.tools.add_plans import add_allukan_configuration
 from nnunetv2_allukan.tools.profiling.configs import synthetic_plans
 from nnunetv2_allukan.trainers import (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_exactGrad,
-                                       nnUNetTrainerAllUKAN_shareChannel)
+                                       nnUNetTrainerAllUKAN_shareChannel, nnUNetTrainerAllUKAN_shareGroup)
 from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_RESENC_CLASS_NAME
 
 DEFAULTS = nnUNetTrainerAllUKAN.ka_kwargs
@@ -48,6 +49,20 @@ def test_stock_plans_give_the_trainers_settings_without_a_note():
     assert all(a.share == "channel" for a in channel)
     assert "share='channel' (the trainer's choice)" in \
         nnUNetTrainerAllUKAN_shareChannel.network_choice(pm.get_configuration("2d")).reason
+
+
+def test_share_group_variant_gives_every_ka_layer_gcd_of_its_channels_and_8_splines():
+    import math
+
+    pm = _plans()
+    network = nnUNetTrainerAllUKAN_shareGroup.build_network_architecture(pm, pm.get_configuration("2d"), 1, 3, True)
+    activations = [m for m in network.modules() if isinstance(m, SharedSplineActivation)]
+    assert activations and all(a.share == "group" for a in activations)
+    assert all(a.coef.shape[0] == math.gcd(a.num_channels, 8) for a in activations)
+    assert {a.coef.shape[0] for a in activations} > {1}  # the 1-channel input layer has one, wider layers more
+    out = network(torch.randn(2, 1, 32, 32))
+    sum(o.square().mean() for o in out).backward()
+    assert all(a.coef.grad is not None and a.coef.grad.abs().sum() > 0 for a in activations)
 
 
 def test_a_variants_explicit_choice_wins_over_the_plans_and_is_logged():

@@ -18,7 +18,7 @@ def phi(layer, x):
     act = layer.activation
     plain = SharedSplineActivation(num_channels=act.num_channels, grid_size=act.grid_size,
                                    grid_range=act.grid_range, share=act.share, spline_grad=act.spline_grad,
-                                   channel_dim=act.channel_dim, impl="plain")
+                                   channel_dim=act.channel_dim, impl="plain", num_groups=act.num_groups or 1)
     plain.coef, plain.base_weight = act.coef, act.base_weight
     return plain(x)
 
@@ -218,6 +218,19 @@ def test_fused_layer_gradients_match_torch_op_of_plain_phi(case, spline_grad, sh
     """x, weight, bias, coefficients and base weight, against torch's own op autograd through plain-ops phi."""
     out, reference_out, fused, reference = _fused_and_reference_gradients(case, spline_grad=spline_grad,
                                                                           share=share)
+    torch.testing.assert_close(out, reference_out, atol=1e-5, rtol=1e-5)
+    for g, r in zip(fused, reference):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+@pytest.mark.parametrize("spline_grad", ["free", "exact"])
+def test_fused_layer_group_sharing_matches_plain_phi(case, spline_grad):
+    """share='group' (2 groups of 2 or 3 channels) through the fused Functions against the plain-ops phi, which
+    spreads each group's spline over its channels by repeating it."""
+    out, reference_out, fused, reference = _fused_and_reference_gradients(case, spline_grad=spline_grad,
+                                                                          share="group", num_groups=2)
+    assert fused[3].shape[0] == 2  # two splines: the coefficient gradient of each group
     torch.testing.assert_close(out, reference_out, atol=1e-5, rtol=1e-5)
     for g, r in zip(fused, reference):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)

@@ -154,6 +154,76 @@ def test_bad_arguments(kwargs, match):
         SharedSplineActivation(**kwargs)
 
 
+def _grouped_and_tied_channel(channels, num_groups, spline_grad, impl="function", channel_dim=1):
+    """A share='group' activation and a share='channel' one whose per-channel splines are the group's spline."""
+    torch.manual_seed(0)
+    kwargs = dict(grid_size=5, spline_grad=spline_grad, impl=impl, channel_dim=channel_dim)
+    grouped = SharedSplineActivation(channels, share="group", num_groups=num_groups, init_scale=0.5, **kwargs).double()
+    per_channel = SharedSplineActivation(channels, share="channel", **kwargs).double()
+    with torch.no_grad():
+        grouped.base_weight.uniform_(0.5, 1.5)
+        per_group = channels // grouped.coef.shape[0]
+        per_channel.coef.copy_(grouped.coef.repeat_interleave(per_group, 0))
+        per_channel.base_weight.copy_(grouped.base_weight.repeat_interleave(per_group, 0))
+    return grouped, per_channel, per_group
+
+
+@pytest.mark.parametrize("impl", ["function", "plain"])
+@pytest.mark.parametrize("spline_grad", ["free", "exact"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_innermost"])
+def test_group_sharing_equals_channel_sharing_with_tied_splines(impl, spline_grad, layout):
+    """Values and input gradients as the per-channel activation with each group's spline copied to its channels;
+    each group's parameter gradient is the sum of its channels' gradients."""
+    channel_dim = -1 if layout == "channels_innermost" else 1
+    grouped, per_channel, per_group = _grouped_and_tied_channel(12, 8, spline_grad, impl, channel_dim)
+    assert grouped.coef.shape[0] == 4 and per_group == 3  # gcd(12, 8) groups
+    if layout == "channels_innermost":
+        x = torch.randn(2, 5, 12, dtype=torch.float64) * 3
+    else:
+        x = torch.randn(2, 12, 5, 6, dtype=torch.float64) * 3
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    upstream = torch.randn_like(x)
+    results = []
+    for act in (grouped, per_channel):
+        xi = x.clone().requires_grad_()
+        out = act(xi)
+        results.append((out, *torch.autograd.grad(out, (xi, act.coef, act.base_weight), upstream)))
+    (y_g, gx_g, gc_g, gw_g), (y_c, gx_c, gc_c, gw_c) = results
+    torch.testing.assert_close(y_g, y_c)
+    torch.testing.assert_close(gx_g, gx_c)
+    torch.testing.assert_close(gc_g, gc_c.reshape(4, per_group, -1).sum(1))
+    torch.testing.assert_close(gw_g, gw_c.reshape(4, per_group).sum(1))
+    if impl == "function" and layout != "channels_innermost":
+        assert y_g.stride() == x.stride()
+
+
+def test_group_sharing_exact_gradcheck():
+    act = SharedSplineActivation(num_channels=6, grid_size=4, share="group", num_groups=3, spline_grad="exact",
+                                 init_scale=0.5).double()
+    x = (torch.randn(2, 6, 5, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda inp, c, w: act(inp), (x, act.coef, act.base_weight))
+
+
+@pytest.mark.parametrize("channels,num_groups,splines", [(1, 8, 1), (12, 8, 4), (32, 8, 8), (320, 8, 8),
+                                                         (32, 3, 1), (6, 6, 6)])
+def test_group_count_is_the_gcd(channels, num_groups, splines):
+    act = SharedSplineActivation(channels, share="group", num_groups=num_groups)
+    assert act.coef.shape[0] == act.base_weight.shape[0] == act.num_groups == splines
+
+
+@pytest.mark.parametrize("num_groups", [0, 2.5, True, "8"])
+def test_group_sharing_rejects_bad_group_counts(num_groups):
+    with pytest.raises(ValueError, match="num_groups"):
+        SharedSplineActivation(8, share="group", num_groups=num_groups)
+
+
+def test_group_sharing_checks_the_channel_count():
+    act = SharedSplineActivation(num_channels=8, share="group")
+    with pytest.raises(ValueError, match="8 channels"):
+        act(torch.randn(2, 4, 5))
+
+
 def test_wrong_channel_count():
     act = SharedSplineActivation(num_channels=3, share="channel")
     with pytest.raises(ValueError, match="3 channels"):

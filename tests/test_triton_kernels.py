@@ -87,6 +87,22 @@ def test_float64_values_and_gradients_match_torch_path(share, spline_grad, splin
     assert torch.isnan(reference[0]).sum() == 1 and torch.isfinite(reference[2]).all()
 
 
+@pytest.mark.parametrize("spline_grad", ["free", "exact"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_innermost"])
+def test_group_sharing_matches_torch_path(layout, spline_grad):
+    """share='group': 3 splines over 6 channels (pairs of neighbours), the (A, groups, rest) view in both paths."""
+    act = SharedSplineActivation(6, grid_size=5, share="group", num_groups=3, spline_grad=spline_grad,
+                                 channel_dim=-1 if layout == "channels_innermost" else 1).to(DEVICE, torch.float64)
+    with torch.no_grad():
+        act.coef.normal_()
+        act.base_weight.uniform_(0.5, 1.5)
+    x = _difficult_input((3, 4, 6) if layout == "channels_innermost" else (2, 6, 5, 7), torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    reference, _ = _compare_backends(act, x, rtol=1e-12, atol=1e-12)
+    assert reference[2].shape[0] == 3 and torch.isfinite(reference[2]).all()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_slice", "channels_last_3d",
                                     "channels_innermost"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

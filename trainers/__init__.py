@@ -11,7 +11,8 @@ from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epoc
                        nnUNetTrainerAllUKAN_smokeTest, nnUNetTrainerAllUKAN_fixedSiLU,
                        nnUNetTrainerAllUKAN_fixedLeakyReLU, nnUNetTrainerAllUKAN_leakyInit,
                        nnUNetTrainerAllUKAN_splineAdam, nnUNetTrainerAllUKAN_splineAdamNoClip,
-                       nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup)
+                       nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup,
+                       nnUNetTrainerAllUKAN_shareGroup)
 
 TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
                  "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
@@ -23,6 +24,6 @@ TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnU
                  "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerAllUKAN_fixedLeakyReLU",
                  "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineAdam",
                  "nnUNetTrainerAllUKAN_splineAdamNoClip", "nnUNetTrainerAllUKAN_splineSGD10x",
-                 "nnUNetTrainerAllUKAN_splineWarmup"]
+                 "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_shareGroup"]
 
 __all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

@@ -17,6 +17,11 @@ class nnUNetTrainerAllUKAN_shareChannel(nnUNetTrainerAllUKAN):
     ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "share": "channel"}
 
 
+class nnUNetTrainerAllUKAN_shareGroup(nnUNetTrainerAllUKAN):
+    """One spline per group of consecutive input channels (8 groups; gcd(channels, 8) for narrow layers)."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "share": "group"}
+
+
 class nnUNetTrainerAllUKAN_skipAdd(nnUNetTrainerAllUKAN):
     """U-KAN's additive skip fusion instead of nnU-Net's concatenation."""
     ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "skip_mode": "add"}

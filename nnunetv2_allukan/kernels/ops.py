@@ -31,8 +31,9 @@ def _grid_params(lo: float, inv_h: float, leaky_slope: float, dtype: torch.dtype
 @torch.library.custom_op("allukan::spline_phi", mutates_args=())
 def spline_phi(x: torch.Tensor, table: torch.Tensor, base_weight: torch.Tensor, lo: float, inv_h: float,
                channel_dim: Optional[int], base: str, leaky_slope: float, dtype: torch.dtype) -> torch.Tensor:
-    """phi(x) in ``dtype``; math in the table's dtype. ``channel_dim`` None: one spline (``share="layer"``)."""
-    layout = spline.MemoryLayout(x, channel_dim)
+    """phi(x) in ``dtype``; math in the table's dtype. ``channel_dim`` None: one spline (``share="layer"``); a
+    table with fewer rows than channels: one spline per group of consecutive channels."""
+    layout = spline.MemoryLayout(x, channel_dim, table.shape[0])
     out = layout.empty(dtype)
     triton_spline.phi(layout.view3(layout.x), table.contiguous(), base_weight.contiguous(),
                       _grid_params(lo, inv_h, leaky_slope, table.dtype, x.device), base, layout.view3(out))
@@ -50,7 +51,7 @@ def spline_phi_backward(x: torch.Tensor, grad_phi: torch.Tensor, table: torch.Te
                         exact: bool, need_x: bool, need_params: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dx in x's dtype, dL/dtable, dL/dbase_weight); an output that is not needed is an empty tensor."""
-    layout = spline.MemoryLayout(x, channel_dim)
+    layout = spline.MemoryLayout(x, channel_dim, table.shape[0])
     grad_x = layout.empty(x.dtype) if need_x else x.new_empty(0)
     grad_table, grad_wb = triton_spline.phi_grads(
         layout.view3(layout.x), layout.view3(layout.like(grad_phi)), table.contiguous(), base_weight.contiguous(),

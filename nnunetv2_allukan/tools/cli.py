@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plans identifier (default nnUNetPlans; ResEnc plans get the residual KA encoder)")
     p.add_argument("--name", help="new configuration name (default: <configuration>_allukan)")
     p.add_argument("--spline-grad", dest="spline_grad", choices=["free", "exact"])
-    p.add_argument("--share", choices=["layer", "channel"])
+    p.add_argument("--share", choices=["layer", "channel", "group"],
+                   help="one spline per layer, per input channel, or per group of channels (8 groups)")
     p.add_argument("--grid-size", dest="grid_size", type=int)
     p.add_argument("--grid-range", dest="grid_range", type=float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--token-stages", dest="token_stages", type=int)
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file name, as for nnUNetv2_predict (default: checkpoint_final.pth, else "
                         "checkpoint_best.pth, else checkpoint_latest.pth)")
     p.add_argument("-o", dest="output", help="PNG path (default: activations.png next to the checkpoint)")
-    p.add_argument("--max-channels", type=int, default=4, help="channels overlaid for share='channel'")
+    p.add_argument("--max-channels", type=int, default=4, help="splines overlaid for share='channel'/'group'")
     p.set_defaults(func=_plot_activations)
     p = sub.add_parser("gradfid", help="cosine similarity of Grad-Free vs exact gradients (see gradfid -h)",
                        add_help=False)

@@ -16,7 +16,7 @@ def _pyplot():
 def plot_activations(network, out_png: str, max_channels: int = 4, title: str | None = None) -> int:
     """One panel per KA layer: phi (solid), its silu part (dashed) and spline part (dotted) over the grid range.
 
-    For ``share="channel"`` the first ``max_channels`` channels are overlaid. Returns the number of panels.
+    For ``share="channel"`` (or ``"group"``) the first ``max_channels`` channels' (groups') splines are overlaid. Returns the number of panels.
     """
     from ..activation import SharedSplineActivation
 
