@@ -85,8 +85,9 @@ def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default
     write_splits(pre, slab_splits(info["cases"], **folds))
 
 
-def budget_tag(epochs: int, iterations: int, plans: str = "default") -> str:
-    return f"e{epochs}x{iterations}" + ("" if plans == "default" else f"_{plans}")
+def budget_tag(epochs: int, iterations: int, plans: str = "default", batch_size: int | None = None) -> str:
+    return (f"e{epochs}x{iterations}" + ("" if plans == "default" else f"_{plans}")
+            + ("" if batch_size is None else f"_bs{batch_size}"))
 
 
 def result_path(workdir, task, tag, trainer, fold, seed) -> str:
@@ -94,7 +95,7 @@ def result_path(workdir, task, tag, trainer, fold, seed) -> str:
 
 
 def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: int, seed: int, workdir: str,
-              threads: int, plans_name: str = "default") -> dict:
+              threads: int, plans_name: str = "default", batch_size: int | None = None) -> dict:
     """One run in this process (called in a subprocess by ``run``): nnU-Net's training + final validation."""
     import random
 
@@ -111,8 +112,12 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     torch.manual_seed(seed)
     pre = os.path.join(str(nnUNet_preprocessed), TASKS[task]["name"])
     plans = load_json(os.path.join(pre, PLANS[plans_name] + ".json"))
+    configuration = TASKS[task]["configuration"]
+    planned_batch = plans["configurations"][configuration]["batch_size"]
+    if batch_size is not None:  # e.g. ResEnc M at the default plans' batch (its planner fills a GPU's memory)
+        plans["configurations"][configuration]["batch_size"] = batch_size
     plans["continue_training"] = False
-    trainer = trainer_class(trainer_name)(plans, TASKS[task]["configuration"], fold,
+    trainer = trainer_class(trainer_name)(plans, configuration, fold,
                                           load_json(os.path.join(pre, "dataset.json")),
                                           device=torch.device("cpu"))
     trainer.num_epochs = epochs
@@ -144,6 +149,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
                        "ema_pseudo_dice": [float(v) for v in log["ema_fg_dice"]],
                        "epoch_seconds": epoch_seconds},
             "ka_statistics": ka_stats, "threads": threads, "torch": torch.__version__,
+            "batch_size": trainer.configuration_manager.batch_size, "planned_batch_size": planned_batch,
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -162,7 +168,7 @@ def _stats_summary(entry: dict) -> dict:
 def run(args) -> int:
     workdir = os.path.abspath(args.workdir)
     prepare_task(args.task, workdir, args.downsample, args.plans)
-    tag = budget_tag(args.epochs, args.iterations, args.plans)
+    tag = budget_tag(args.epochs, args.iterations, args.plans, args.batch_size)
     env = task_environment(workdir, tag)
     failed = []
     for seed in args.seeds:
@@ -178,6 +184,8 @@ def run(args) -> int:
                        trainer, "--fold", str(fold), "--epochs", str(args.epochs), "--iterations",
                        str(args.iterations), "--seed", str(seed), "--workdir", workdir, "--threads",
                        str(args.threads), "--plans", args.plans, "--out", out]
+                if args.batch_size is not None:
+                    cmd += ["--batch-size", str(args.batch_size)]
                 os.makedirs(os.path.dirname(out), exist_ok=True)
                 with open(out.replace(".json", ".log"), "w") as log:
                     code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -196,12 +204,13 @@ def run(args) -> int:
 
 def train_one_command(args) -> int:
     result = train_one(args.task, args.trainer, args.fold, args.epochs, args.iterations, args.seed,
-                       os.path.abspath(args.workdir), args.threads, args.plans)
+                       os.path.abspath(args.workdir), args.threads, args.plans, args.batch_size)
     result["plans"] = PLANS[args.plans]
     result["configuration"] = TASKS[args.task]["configuration"]
     result["command"] = (f"python benchmarks/accuracy.py run --task {args.task} --trainers {args.trainer} "
                          f"--folds {args.fold} --epochs {args.epochs} --iterations {args.iterations} "
-                         f"--seeds {args.seed} --plans {args.plans}")
+                         f"--seeds {args.seed} --plans {args.plans}"
+                         + ("" if args.batch_size is None else f" --batch-size {args.batch_size}"))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
@@ -221,7 +230,7 @@ def report(args) -> int:
              "per class (label 1, 2, ...) | "
              "train s | coef norm first→last | base weight last | clip engaged (last epoch) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["task"], r.get("plans", "nnUNetPlans"), r["iterations"], r["fold"],
+    for r in sorted(rows, key=lambda r: (r["task"], _plans_label(r), r["iterations"], r["fold"],
                                          r["seed"], -r["foreground_mean"])):
         ka = r.get("ka_statistics") or {}
         first, last = ka.get("first") or {}, ka.get("last") or {}
@@ -230,7 +239,7 @@ def report(args) -> int:
         base = f"{last['median_base_weight']:.3f}" if last.get("median_base_weight") is not None else "–"
         clip = f"{last['clipped_fraction']:.0%}" if "clipped_fraction" in last else "–"
         per_class = " / ".join(f"{r['dice'][k]:.3f}" for k in sorted(r["dice"], key=_label_order))
-        lines.append(f"| {r['task']} | {r.get('plans', 'nnUNetPlans')} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
+        lines.append(f"| {r['task']} | {_plans_label(r)} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
                      f"{r['parameters'] / 1e6:.2f} M | **{r['foreground_mean']:.4f}** | {per_class} | "
                      f"{r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
     with open(os.path.join(args.out, "runs.md"), "w") as f:
@@ -248,8 +257,15 @@ def report(args) -> int:
 BASELINE = "nnUNetTrainer"  # nnU-Net's CNN: every paired difference is against it
 
 
+def _plans_label(r: dict) -> str:
+    """The plans, and the batch size when a run replaced the planned one (e.g. 'nnUNetResEncUNetMPlans, batch 6')."""
+    plans = r.get("plans", "nnUNetPlans")
+    replaced = r.get("batch_size") is not None and r.get("batch_size") != r.get("planned_batch_size", r["batch_size"])
+    return f"{plans}, batch {r['batch_size']}" if replaced else plans
+
+
 def _setting(r: dict) -> tuple:
-    return r["task"], r.get("plans", "nnUNetPlans")
+    return r["task"], _plans_label(r)
 
 
 def summary_tables(rows: list[dict]) -> str:
@@ -382,6 +398,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--plans", choices=sorted(PLANS), default="default",
                    help="nnU-Net's default plans or the ResEnc M preset (planned on first use)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="replace the plans' batch size (recorded in each run and in the budget folder's name)")
     p.add_argument("--workdir", required=True)
     p.set_defaults(func=run)
     p = sub.add_parser("train-one", help=argparse.SUPPRESS)
@@ -389,6 +407,7 @@ def main(argv=None) -> int:
                        ("--iterations", int), ("--seed", int), ("--workdir", str), ("--threads", int), ("--out", str)):
         p.add_argument(name, type=kind, required=True)
     p.add_argument("--plans", choices=sorted(PLANS), default="default")
+    p.add_argument("--batch-size", type=int, default=None)
     p.set_defaults(func=train_one_command)
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)

@@ -41,7 +41,12 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     rows += [_run("nnUNetTrainer", f, 4000, cnn[f] + 0.01, 1000.0) for f in range(3)]
     rows += [_run("nnUNetTrainerAllUKAN", f, 2000, ka[f], 1100.0) for f in range(3)]
     rows.append(_run("nnUNetTrainerAllUKAN", 4, 2000, 0.9, 1100.0))  # fold without a CNN run: not paired
+    resenc = _run("nnUNetTrainer", 0, 2000, 0.5, 100.0)
+    resenc.update(plans="nnUNetResEncUNetMPlans", batch_size=6, planned_batch_size=123)
+    rows.append(resenc)
     text = accuracy.summary_tables(rows)
+    # A run whose batch replaced the planned one is its own setting, never averaged with the planned batch.
+    assert _row(text, "icbm", "nnUNetResEncUNetMPlans, batch 6", "2000", "nnUNetTrainer")[4] == "0"
 
     ka_dice = [ka[f] for f in range(3)] + [0.9]
     row = _row(text, "icbm", "nnUNetPlans", "2000", "nnUNetTrainerAllUKAN")
@@ -59,8 +64,9 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     assert wall[7:10] == ["4000", "1000", f"{cnn[0] + 0.01:.4f}"]
 
     # The command writes the same tables and the plots.
-    for i, r in enumerate(rows):
-        path = tmp_path / "runs" / r["task"] / str(r["iterations"]) / r["trainer"] / f"fold_{r['fold']}_seed0.json"
+    for r in rows:
+        tag = f"{r['iterations']}_{r['plans']}_{r.get('batch_size')}"  # as budget_tag: one folder per setting
+        path = tmp_path / "runs" / r["task"] / tag / r["trainer"] / f"fold_{r['fold']}_seed0.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(r))
     out = tmp_path / "report"
