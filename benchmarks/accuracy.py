@@ -61,10 +61,11 @@ def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default
     if plans == "resencm" and not os.path.isfile(os.path.join(pre, PLANS["resencm"] + ".json")):
         prepare_task(task, workdir, downsample)
         planning_env = {**env, "nnUNet_n_proc_DA": "1"}
-        subprocess.run([nnunet_command("nnUNetv2_plan_experiment"), "-d", str(spec["dataset_id"]), "-pl", "nnUNetPlannerResEncM"],
-                       check=True, env=planning_env)
-        subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(spec["dataset_id"]), "-plans_name", PLANS["resencm"],
-                        "-c", spec["configuration"], "-np", "1"], check=True, env=planning_env)
+        subprocess.run([nnunet_command("nnUNetv2_plan_experiment"), "-d", str(spec["dataset_id"]), "-pl",
+                        "nnUNetPlannerResEncM"], check=True, env=planning_env)
+        if not _shares_preprocessed_data(pre, PLANS["resencm"], PLANS["default"], spec["configuration"]):
+            subprocess.run([nnunet_command("nnUNetv2_preprocess"), "-d", str(spec["dataset_id"]), "-plans_name",
+                            PLANS["resencm"], "-c", spec["configuration"], "-np", "1"], check=True, env=planning_env)
     if os.path.isfile(os.path.join(pre, "splits_final.json")):
         return
     from nnunetv2_allukan.data.templates import slab_splits, write_splits
@@ -83,6 +84,17 @@ def prepare_task(task: str, workdir: str, downsample: int, plans: str = "default
                     spec["configuration"], "-np", "1", "-npfp", "1"],
                    check=True, env={**env, "nnUNet_n_proc_DA": "1"})  # preprocessing needs >= 1
     write_splits(pre, slab_splits(info["cases"], **folds))
+
+
+def _shares_preprocessed_data(pre: str, plans: str, other: str, configuration: str) -> bool:
+    """True when ``plans`` reads the data ``other`` already preprocessed (nnU-Net's ResEnc planners keep the default
+    plans' data identifier). Preprocessing again would rewrite that folder under any training reading it."""
+    def identifier(name):
+        with open(os.path.join(pre, name + ".json")) as f:
+            return json.load(f)["configurations"][configuration].get("data_identifier")
+
+    folder = os.path.join(pre, identifier(other) or "")
+    return identifier(plans) == identifier(other) and os.path.isdir(folder) and bool(os.listdir(folder))
 
 
 def budget_tag(epochs: int, iterations: int, plans: str = "default", batch_size: int | None = None) -> str:

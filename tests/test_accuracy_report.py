@@ -73,3 +73,20 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     assert accuracy.main(["report", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     assert (out / "summary.md").read_text() == text
     assert (out / "dice_boxplots.png").stat().st_size > 0 and (out / "learning_curves.png").stat().st_size > 0
+
+
+def test_resenc_plans_reuse_the_default_plans_preprocessed_data(tmp_path):
+    """Preprocessing ResEnc plans again would rewrite the folder that running trainings of the default plans read."""
+    accuracy = _accuracy_module()
+
+    def plans(name, identifier):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": identifier}}}))
+
+    plans("nnUNetPlans", "nnUNetPlans_2d")
+    plans("nnUNetResEncUNetMPlans", "nnUNetPlans_2d")
+    plans("OtherPlans", "OtherPlans_2d")
+    shares = lambda name: accuracy._shares_preprocessed_data(str(tmp_path), name, "nnUNetPlans", "2d")  # noqa: E731
+    assert not shares("nnUNetResEncUNetMPlans")  # the default plans' data is not there yet
+    (tmp_path / "nnUNetPlans_2d").mkdir()
+    (tmp_path / "nnUNetPlans_2d" / "case.pkl").write_bytes(b"")
+    assert shares("nnUNetResEncUNetMPlans") and not shares("OtherPlans")
