@@ -13,7 +13,8 @@ from nnunetv2_allukan.architectures import AllUKAN
 from nnunetv2_allukan.spline import bspline_basis
 from nnunetv2_allukan.trainers.clipping import clip_without, recording_clip_norm
 from nnunetv2_allukan.trainers.recipes import CombinedOptimizer, EpochPolyLRScheduler, SplineParameterGroup
-from nnunetv2_allukan.trainers.statistics import parameter_kinds, spline_max_slope
+from nnunetv2_allukan.trainers.statistics import (initial_splines, ka_layer_snapshot, parameter_kinds, spline_change,
+                                                 spline_max_slope)
 
 
 def _inputs():
@@ -216,6 +217,31 @@ def test_spline_max_slope_matches_autograd_derivative():
     assert spline_max_slope(act, num_points=4001) == pytest.approx(float(slope), rel=2e-3)
 
 
+def test_spline_change_is_the_largest_move_of_the_spline_curve():
+    """Against the B-spline basis evaluated here on a fine grid: max |sum_j (c_j - c0_j) B_j(x)|; base weights
+    separately; zero for an untouched layer."""
+    torch.manual_seed(0)
+    net = _tiny_allukan(share="channel")
+    start = initial_splines(net)
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, KAModule)}
+    moved_name, moved = next(iter(layers.items()))
+    delta = torch.randn_like(moved.activation.coef) * 0.3
+    with torch.no_grad():
+        moved.activation.coef += delta
+        moved.activation.base_weight -= 0.25
+    snapshot = ka_layer_snapshot(net, start)
+    lo, hi = moved.activation.grid_range
+    h = (hi - lo) / moved.activation.grid_size
+    xs = torch.linspace(lo - 3 * h, hi + 3 * h, 20001)
+    expected = (bspline_basis(xs, moved.activation.grid_size, moved.activation.grid_range) @ delta.t()).abs().max()
+    assert snapshot[moved_name]["spline_change"] == pytest.approx(float(expected), rel=1e-3)
+    assert snapshot[moved_name]["base_weight_change"] == pytest.approx(0.25)
+    others = [v for n, v in snapshot.items() if n != moved_name]
+    assert others and all(v["spline_change"] == 0.0 and v["base_weight_change"] == 0.0 for v in others)
+    assert spline_change(moved.activation, start[moved_name]["coef"]) == snapshot[moved_name]["spline_change"]
+    assert "spline_change" not in ka_layer_snapshot(net)[moved_name]  # no start known: not reported
+
+
 @pytest.mark.e2e
 def test_statistics_file_and_log_line_per_epoch(nnunet, monkeypatch):
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -240,6 +266,10 @@ def test_statistics_file_and_log_line_per_epoch(nnunet, monkeypatch):
     for name, layer in last["layers"].items():
         assert 0.0 <= layer["outside_grid"] <= 1.0
         assert layer["coef_norm"] == pytest.approx(float(ka_layers[name].activation.coef.norm()), rel=1e-5)
+        assert layer["spline_change"] >= 0.0 and layer["base_weight_change"] >= 0.0
+    assert any(layer["spline_change"] > 0 for layer in last["layers"].values())  # Adam moved the splines
+    start = torch.load(out / "ka_initial_splines.pt", weights_only=True)
+    assert set(start) == set(ka_layers) and entries[0]["layers"][name]["coef_norm"] != pytest.approx(0.0)
     g = last["grad_norm"]
     assert g["steps"] == 3 and 0.0 <= g["clipped_fraction"] <= 1.0
     assert g["share_of_squared_norm"]["spline_coef"] == 0.0  # left out of the clip by this recipe

@@ -5,7 +5,10 @@ epoch, and a norm per parameter group each iteration). Per epoch it appends one 
 ``<fold folder>/ka_statistics.jsonl`` and one summary line to nnU-Net's training log:
 
 * per KA layer: fraction of phi's inputs outside the grid range (first iteration of the epoch), spline coefficient
-  norm, mean base weight, and the spline's largest slope max |d/dx sum_j c_j B_j(x)|;
+  norm, mean base weight, the spline's largest slope max |d/dx sum_j c_j B_j(x)|, and how far phi has moved since
+  training began: max over the grid of |S(x) - S_0(x)| for the spline part and |w_b - w_b0| (the starting values
+  are kept in ``ka_initial_splines.pt`` next to the log, so a run continued with ``--c`` measures from the same
+  start);
 * the global gradient norm that nnU-Net's ``clip_grad_norm_(…, 12)`` sees (before clipping), how often it exceeds
   the clip, and each parameter kind's share of the squared norm (spline coefficients, base weights, conv/linear
   weights, biases, normalisation) — which groups dominate the norm;
@@ -23,10 +26,12 @@ import torch
 
 from nnunetv2_allukan.fidelity import gradient_fidelity
 from nnunetv2_allukan.layers import KAModule
+from nnunetv2_allukan.spline import bspline_basis
 
 from .clipping import recording_clip_norm
 
 NNUNET_CLIP_NORM = 12.0
+INITIAL_SPLINES_FILE = "ka_initial_splines.pt"
 PARAMETER_KINDS = ("spline_coef", "base_weight", "weight", "bias", "norm")
 
 
@@ -57,8 +62,25 @@ def spline_max_slope(activation, num_points: int = 400) -> float:
     return float(slope.abs().max())
 
 
-def ka_layer_snapshot(network: torch.nn.Module) -> dict[str, dict]:
-    """Per KA layer: coefficient norm, mean base weight and largest spline slope (no data needed)."""
+def spline_change(activation, initial_coef: torch.Tensor, num_points: int = 400) -> float:
+    """max over the extended grid (and over the splines of a layer) of |S(x) - S_0(x)|: how far the learned spline
+    part has moved from the coefficients ``initial_coef``, in the units of phi."""
+    xs, _, spline_part = activation.curves(num_points=num_points, margin=0.0)
+    basis = bspline_basis(xs, activation.grid_size, activation.grid_range)
+    initial_part = basis @ initial_coef.detach().float().cpu().t()
+    return float((spline_part - initial_part).abs().max())
+
+
+def initial_splines(network: torch.nn.Module) -> dict[str, dict]:
+    """Every KA layer's spline coefficients and base weights, to measure later changes against."""
+    return {name: {"coef": m.activation.coef.detach().float().cpu().clone(),
+                   "base_weight": m.activation.base_weight.detach().float().cpu().clone()}
+            for name, m in network.named_modules() if isinstance(m, KAModule)}
+
+
+def ka_layer_snapshot(network: torch.nn.Module, initial: dict | None = None) -> dict[str, dict]:
+    """Per KA layer: coefficient norm, mean base weight and largest spline slope (no data needed); with
+    ``initial`` (``initial_splines`` of the same network earlier) also how far phi moved since."""
     out = {}
     for name, module in network.named_modules():
         if isinstance(module, KAModule):
@@ -66,6 +88,11 @@ def ka_layer_snapshot(network: torch.nn.Module) -> dict[str, dict]:
             out[name] = {"coef_norm": float(act.coef.detach().norm()),
                          "base_weight": float(act.base_weight.detach().float().mean()),
                          "max_spline_slope": spline_max_slope(act)}
+            start = (initial or {}).get(name)
+            if start is not None and start["coef"].shape == act.coef.shape:
+                out[name]["spline_change"] = spline_change(act, start["coef"])
+                out[name]["base_weight_change"] = float(
+                    (act.base_weight.detach().float().cpu() - start["base_weight"]).abs().max())
     return out
 
 
@@ -73,6 +100,19 @@ class KAStatistics:
     """Mixin: per-epoch statistics of the KA layers and of the gradient norm (see the module docstring)."""
 
     statistics_file = "ka_statistics.jsonl"
+
+    def on_train_start(self):
+        super().on_train_start()
+        # phi's starting point: written once per fold folder (rank 0), read back by a continued run.
+        path = os.path.join(self.output_folder, INITIAL_SPLINES_FILE)
+        if os.path.isfile(path):
+            self._initial_splines = torch.load(path, weights_only=True)
+        elif self.current_epoch > 0:  # continued from a checkpoint written before this file existed: no start known
+            self._initial_splines = None
+        else:
+            self._initial_splines = initial_splines(self._statistics_network())
+            if self.local_rank == 0:
+                torch.save(self._initial_splines, path)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -124,12 +164,10 @@ class KAStatistics:
         layers = entry["layers"].values()
         self.print_to_log_file(
             "KA statistics: median over layers: outside grid {:.3f}, coef norm {:.3f}, base weight {:.3f}, max "
-            "spline slope {:.3f}; grad norm mean {:.2f} (clip at {:g} engaged in {:.0%} of steps), share of "
-            "norm²: {}".format(
-                stats.median(l["outside_grid"] for l in layers) if layers else float("nan"),
-                stats.median(l["coef_norm"] for l in layers) if layers else float("nan"),
-                stats.median(l["base_weight"] for l in layers) if layers else float("nan"),
-                stats.median(l["max_spline_slope"] for l in layers) if layers else float("nan"),
+            "spline slope {:.3f}, spline moved {:.3f}; grad norm mean {:.2f} (clip at {:g} engaged in {:.0%} of "
+            "steps), share of norm²: {}".format(
+                _median(layers, "outside_grid"), _median(layers, "coef_norm"), _median(layers, "base_weight"),
+                _median(layers, "max_spline_slope"), _median(layers, "spline_change"),
                 g["mean"], NNUNET_CLIP_NORM, g["clipped_fraction"],
                 ", ".join(f"{k} {v:.2f}" for k, v in g["share_of_squared_norm"].items())))
 
@@ -145,7 +183,7 @@ class KAStatistics:
         return {"overall": result["overall"], "per_layer": result["per_layer"]}
 
     def ka_statistics_entry(self) -> dict:
-        layers = ka_layer_snapshot(self._statistics_network())
+        layers = ka_layer_snapshot(self._statistics_network(), getattr(self, "_initial_splines", None))
         for name, layer in layers.items():
             layer["outside_grid"] = self._outside.get(name, float("nan"))
         record = self._clip_record or [(float("nan"), {k: 0.0 for k in PARAMETER_KINDS}, NNUNET_CLIP_NORM)]
@@ -159,4 +197,9 @@ class KAStatistics:
                 "layers": layers}
 
 
-__all__ = ["KAStatistics", "ka_layer_snapshot", "parameter_kinds", "recording_clip_norm", "spline_max_slope"]
+def _median(layers, key: str) -> float:
+    values = [l[key] for l in layers if key in l]
+    return stats.median(values) if values else float("nan")
+
+
+__all__ = ["KAStatistics", "initial_splines", "ka_layer_snapshot", "spline_change", "parameter_kinds", "recording_clip_norm", "spline_max_slope"]
