@@ -395,6 +395,84 @@ def _plot_curves(rows, path):
     fig.savefig(path, dpi=90)
 
 
+def initial_network(task: str, trainer_name: str, fold: int, seed: int, workdir: str, plans_name: str = "default",
+                    batch_size: int | None = None):
+    """The network a run of ``train_one`` started from: the same seeding and trainer construction, then nnU-Net's
+    ``initialize`` (which builds the network), without training; results go to a scratch folder."""
+    import random
+    import tempfile
+
+    import numpy as np
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunetv2_allukan.tools.checkpoints import trainer_class
+
+    pre = os.path.join(workdir, "preprocessed", TASKS[task]["name"])
+    plans = load_json(os.path.join(pre, PLANS[plans_name] + ".json"))
+    plans["continue_training"] = False
+    configuration = TASKS[task]["configuration"]
+    if batch_size is not None:
+        plans["configurations"][configuration]["batch_size"] = batch_size
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ["nnUNet_results"] = tempfile.mkdtemp()
+    trainer = trainer_class(trainer_name)(plans, configuration, fold, load_json(os.path.join(pre, "dataset.json")),
+                                          device=torch.device("cpu"))
+    trainer.initialize()
+    return trainer.network
+
+
+def spline_motion(args) -> int:
+    """How far every KA layer's phi moved from its initialisation to the end of finished runs (per layer max over
+    the grid of |S(x) - S_0(x)| and |w_b - w_b0|), from each run's ``checkpoint_final.pth``."""
+    import torch
+
+    from nnunetv2_allukan.trainers.statistics import initial_splines, ka_layer_snapshot
+
+    workdir = os.path.abspath(args.workdir)
+    os.environ.setdefault("nnUNet_preprocessed", os.path.join(workdir, "preprocessed"))
+    os.environ.setdefault("nnUNet_raw", os.path.join(workdir, "raw"))
+    tag = budget_tag(args.epochs, args.iterations, args.plans, args.batch_size)
+    spec = TASKS[args.task]
+    table = {}
+    for trainer_name in args.trainers:
+        folder = os.path.join(workdir, "results", tag, spec["name"],
+                              f"{trainer_name}__{PLANS[args.plans]}__{spec['configuration']}", f"fold_{args.fold}")
+        checkpoint = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
+        network = initial_network(args.task, trainer_name, args.fold, args.seed, workdir, args.plans, args.batch_size)
+        start = initial_splines(network)
+        network.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v
+                                 for k, v in checkpoint["network_weights"].items()})
+        table[trainer_name] = ka_layer_snapshot(network, start)
+    layers = list(next(iter(table.values())))
+    lines = [f"Spline motion, {args.task} fold {args.fold} seed {args.seed}, {tag}: max over the grid of "
+             "|S(x) - S_0(x)| per KA layer (|w_b - w_b0| in brackets)", "",
+             "| KA layer | " + " | ".join(args.trainers) + " |", "|---|" + "---|" * len(args.trainers)]
+    for name in layers + ["median", "max"]:
+        cells = []
+        for t in args.trainers:
+            if name in ("median", "max"):
+                f = statistics.median if name == "median" else max
+                cells.append(f"{f(v['spline_change'] for v in table[t].values()):.3f} "
+                             f"({f(v['base_weight_change'] for v in table[t].values()):.3f})")
+            else:
+                v = table[t][name]
+                cells.append(f"{v['spline_change']:.3f} ({v['base_weight_change']:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"spline_motion_{args.task}_{tag}_fold{args.fold}")
+        with open(stem + ".md", "w") as f:
+            f.write(text)
+        with open(stem + ".json", "w") as f:
+            json.dump(table, f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -421,6 +499,19 @@ def main(argv=None) -> int:
     p.add_argument("--plans", choices=sorted(PLANS), default="default")
     p.add_argument("--batch-size", type=int, default=None)
     p.set_defaults(func=train_one_command)
+    p = sub.add_parser("spline-motion", help="how far each KA layer's phi moved from its initialisation in "
+                                             "finished runs (from checkpoint_final.pth)")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--trainers", nargs="+", required=True)
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument("--plans", choices=sorted(PLANS), default="default")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help="folder for spline_motion_*.md/.json (default: print only)")
+    p.set_defaults(func=spline_motion)
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default="docs/accuracy_results")
