@@ -106,32 +106,45 @@ def result_path(workdir, task, tag, trainer, fold, seed) -> str:
     return os.path.join(workdir, "runs", task, tag, trainer, f"fold_{fold}_seed{seed}.json")
 
 
-def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: int, seed: int, workdir: str,
-              threads: int, plans_name: str = "default", batch_size: int | None = None) -> dict:
-    """One run in this process (called in a subprocess by ``run``): nnU-Net's training + final validation."""
+def seeded_trainer(task: str, trainer_name: str, fold: int, seed: int, preprocessed: str,
+                   plans_name: str = "default", batch_size: int | None = None):
+    """(trainer, the plans' own batch size): every RNG seeded, then nnU-Net's trainer built from the task's plans,
+    with ``batch_size`` in place of the planned one when given (e.g. ResEnc M at the default plans' batch: its
+    planner fills a GPU's memory). Runs build their trainer here, and ``initial_network`` rebuilds a run's starting
+    point through the same steps."""
     import random
 
     import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
 
     from nnunetv2_allukan.tools.checkpoints import trainer_class
 
-    torch.set_num_threads(threads)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    pre = os.path.join(str(nnUNet_preprocessed), TASKS[task]["name"])
+    pre = os.path.join(preprocessed, TASKS[task]["name"])
     plans = load_json(os.path.join(pre, PLANS[plans_name] + ".json"))
     configuration = TASKS[task]["configuration"]
     planned_batch = plans["configurations"][configuration]["batch_size"]
-    if batch_size is not None:  # e.g. ResEnc M at the default plans' batch (its planner fills a GPU's memory)
+    if batch_size is not None:
         plans["configurations"][configuration]["batch_size"] = batch_size
     plans["continue_training"] = False
-    trainer = trainer_class(trainer_name)(plans, configuration, fold,
-                                          load_json(os.path.join(pre, "dataset.json")),
+    trainer = trainer_class(trainer_name)(plans, configuration, fold, load_json(os.path.join(pre, "dataset.json")),
                                           device=torch.device("cpu"))
+    return trainer, planned_batch
+
+
+def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: int, seed: int, workdir: str,
+              threads: int, plans_name: str = "default", batch_size: int | None = None) -> dict:
+    """One run in this process (called in a subprocess by ``run``): nnU-Net's training + final validation."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    torch.set_num_threads(threads)
+    trainer, planned_batch = seeded_trainer(task, trainer_name, fold, seed, str(nnUNet_preprocessed), plans_name,
+                                            batch_size)
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = 5
@@ -397,29 +410,13 @@ def _plot_curves(rows, path):
 
 def initial_network(task: str, trainer_name: str, fold: int, seed: int, workdir: str, plans_name: str = "default",
                     batch_size: int | None = None):
-    """The network a run of ``train_one`` started from: the same seeding and trainer construction, then nnU-Net's
-    ``initialize`` (which builds the network), without training; results go to a scratch folder."""
-    import random
+    """The network a run of ``train_one`` started from: the same ``seeded_trainer``, then nnU-Net's ``initialize``
+    (which builds the network), without training; results go to a scratch folder."""
     import tempfile
 
-    import numpy as np
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    from nnunetv2_allukan.tools.checkpoints import trainer_class
-
-    pre = os.path.join(workdir, "preprocessed", TASKS[task]["name"])
-    plans = load_json(os.path.join(pre, PLANS[plans_name] + ".json"))
-    plans["continue_training"] = False
-    configuration = TASKS[task]["configuration"]
-    if batch_size is not None:
-        plans["configurations"][configuration]["batch_size"] = batch_size
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
     os.environ["nnUNet_results"] = tempfile.mkdtemp()
-    trainer = trainer_class(trainer_name)(plans, configuration, fold, load_json(os.path.join(pre, "dataset.json")),
-                                          device=torch.device("cpu"))
+    trainer, _ = seeded_trainer(task, trainer_name, fold, seed, os.path.join(workdir, "preprocessed"), plans_name,
+                                batch_size)
     trainer.initialize()
     return trainer.network
 
@@ -427,8 +424,7 @@ def initial_network(task: str, trainer_name: str, fold: int, seed: int, workdir:
 def spline_motion(args) -> int:
     """How far every KA layer's phi moved from its initialisation to the end of finished runs (per layer max over
     the grid of |S(x) - S_0(x)| and |w_b - w_b0|), from each run's ``checkpoint_final.pth``."""
-    import torch
-
+    from nnunetv2_allukan.tools.checkpoints import load_network
     from nnunetv2_allukan.trainers.statistics import initial_splines, ka_layer_snapshot
 
     workdir = os.path.abspath(args.workdir)
@@ -440,12 +436,10 @@ def spline_motion(args) -> int:
     for trainer_name in args.trainers:
         folder = os.path.join(workdir, "results", tag, spec["name"],
                               f"{trainer_name}__{PLANS[args.plans]}__{spec['configuration']}", f"fold_{args.fold}")
-        checkpoint = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-        network = initial_network(args.task, trainer_name, args.fold, args.seed, workdir, args.plans, args.batch_size)
-        start = initial_splines(network)
-        network.load_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v
-                                 for k, v in checkpoint["network_weights"].items()})
-        table[trainer_name] = ka_layer_snapshot(network, start)
+        final, _ = load_network(os.path.join(folder, "checkpoint_final.pth"))
+        start = initial_splines(initial_network(args.task, trainer_name, args.fold, args.seed, workdir, args.plans,
+                                                args.batch_size))
+        table[trainer_name] = ka_layer_snapshot(final, start)
     layers = list(next(iter(table.values())))
     lines = [f"Spline motion, {args.task} fold {args.fold} seed {args.seed}, {tag}: max over the grid of "
              "|S(x) - S_0(x)| per KA layer (|w_b - w_b0| in brackets)", "",

@@ -351,7 +351,8 @@ class SharedSplineActivation(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_channels={self.num_channels}, grid_size={self.grid_size}, grid_range={self.grid_range}, "
-                f"share={self.share!r}{f', num_groups={self.num_groups}' if self.num_groups else ''}, spline_grad={self.spline_grad!r}, activation={self.kind!r}, "
+                f"share={self.share!r}{f', num_groups={self.num_groups}' if self.num_groups else ''}, "
+                f"spline_grad={self.spline_grad!r}, activation={self.kind!r}, "
                 f"base={self.base!r}, backend={self.backend!r}")
 
     @property

@@ -202,4 +202,5 @@ def _median(layers, key: str) -> float:
     return stats.median(values) if values else float("nan")
 
 
-__all__ = ["KAStatistics", "initial_splines", "ka_layer_snapshot", "spline_change", "parameter_kinds", "recording_clip_norm", "spline_max_slope"]
+__all__ = ["KAStatistics", "initial_splines", "ka_layer_snapshot", "parameter_kinds", "recording_clip_norm",
+           "spline_change", "spline_max_slope"]
