@@ -318,6 +318,9 @@ def test_profiler_reads_resenc_plans(resenc_plans, tmp_path, monkeypatch):
     assert rows["cnn"]["params"] == n_params(build_nnunet_resenc(cfg))  # nnU-Net's ResidualEncoderUNet
     assert rows["free"]["params"] == n_params(build(cfg))  # AllUKANResEnc
     assert all(r["status"] == "ok" and r["saved_bytes"] > 0 for r in rows.values())
+    # The rows are named after what they build, not after the plain-plans networks.
+    assert (rows["cnn"]["name"], rows["free"]["name"]) == ("ResidualEncoderUNet", "AllUKANResEnc free")
+    assert "ResidualEncoderUNet" in (tmp_path / "profile.md").read_text()
 
 
 @pytest.mark.e2e

@@ -8,7 +8,8 @@ import os
 from .measure import RATIO_FIELDS
 
 COLUMNS = [
-    # (header, row -> text); "/CNN" and "/Stacked" are ratios to PlainConvUNet and StackedKAN at the same size.
+    # (header, row -> text); "/CNN" and "/Stacked" are ratios to the CNN row (the plans' own, e.g.
+    # PlainConvUNet or ResidualEncoderUNet) and to StackedKAN at the same size.
     ("network", lambda r: r["name"]),
     ("size", lambda r: r["size"]),
     ("params", lambda r: _human(r["params"])),
@@ -111,16 +112,17 @@ CHART_METRICS = [("params", "parameters"), ("saved_bytes", "saved activation byt
 
 
 def write_chart(result: dict, path: str):
-    """Bars per network: ratio to PlainConvUNet (log scale) for params, saved bytes and step times.
+    """Bars per network: ratio to the CNN row (log scale) for params, saved bytes and step times.
 
-    Without a PlainConvUNet row the bars show the absolute values instead.
+    Without a CNN row the bars show the absolute values instead.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    has_cnn = any(r["key"] == "cnn" and r["status"] == "ok" for r in result["rows"]) and len(result["rows"]) > 1
+    cnn_rows = [r for r in result["rows"] if r["key"] == "cnn" and r["status"] == "ok"]
+    has_cnn = bool(cnn_rows) and len(result["rows"]) > 1
     rows = [r for r in result["rows"] if r["key"] != "cnn"] if has_cnn else result["rows"]
     suffix = "_vs_cnn" if has_cnn else ""
     metrics = [(key + suffix, label) for key, label in CHART_METRICS if any(r[key + suffix] for r in rows)]
@@ -136,7 +138,7 @@ def write_chart(result: dict, path: str):
             ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_title(f"{label}\n({'x PlainConvUNet' if has_cnn else 'absolute'})", fontsize=9)
+        ax.set_title(f"{label}\n({'x ' + cnn_rows[0]['name'] if has_cnn else 'absolute'})", fontsize=9)
         for i, v in enumerate(values):
             ax.text(v if v > 0 else 1.0, i, f" {v:.2g}" if v > 0 else " n/a", va="center", fontsize=7)
     axes[0][0].set_yticks(range(len(rows)))

@@ -12,7 +12,7 @@ import torch
 
 from .configs import NetworkConfig
 from .measure import RATIO_FIELDS, DoesNotFit, Measurement, Options, error_note, measure_at, safe_counts, size_label
-from .variants import VARIANT_BY_KEY, Variant
+from .variants import VARIANT_BY_KEY, Variant, named_for_plans
 
 
 def smaller_sizes(cfg: NetworkConfig, patch, batch):
@@ -72,7 +72,7 @@ def profile_variant(variant: Variant, cfg: NetworkConfig, options: Options) -> t
 
 def run_profile(cfg: NetworkConfig, rows, options: Options) -> dict:
     """Measure every row at the configuration's size, and each size some row fell back to, against all rows."""
-    variants = [VARIANT_BY_KEY[k] for k in rows]
+    variants = [named_for_plans(VARIANT_BY_KEY[k], cfg) for k in rows]
     options.log(f"profiling {cfg.source}: patch {list(cfg.patch)}, batch {cfg.batch}, device {options.device}, "
                 f"{torch.get_num_threads()} threads")
     main_rows, fitted = [], {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -59,22 +59,38 @@ VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 DEFAULT_ROWS = [v.key for v in VARIANTS]
 
 
-def build_network(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None = None) -> nn.Module:
-    """The variant's network from the configuration, with deep supervision on (as nnU-Net trains)."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+def network_class_and_kwargs(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None = None) -> tuple[str, dict]:
+    """The dotted class the variant builds from these plans, and its constructor keywords."""
     from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import network_for_plans, nnUNetTrainerAllUKAN
 
-    class_name = variant.network
     if variant.key == "cnn":
         # The CNN the plans train, unless they name one of ours (e.g. a 2d_allukan configuration).
         if cfg.network_class_name.startswith("dynamic_network_architectures."):
-            class_name = cfg.network_class_name
-        kwargs = dict(cfg.arch_kwargs)
-    else:
-        # As the trainers build it: ResEnc plans (-p nnUNetResEncUNetMPlans) give AllUKAN's residual encoder.
-        class_name, kwargs, _ = network_for_plans(
-            variant.network, cfg.network_class_name, cfg.arch_kwargs,
-            {**nnUNetTrainerAllUKAN.ka_kwargs, **(ka_kwargs or {}), **variant.overrides})
+            return cfg.network_class_name, dict(cfg.arch_kwargs)
+        return variant.network, dict(cfg.arch_kwargs)
+    # As the trainers build it: ResEnc plans (-p nnUNetResEncUNetMPlans) give AllUKAN's residual encoder.
+    class_name, kwargs, _ = network_for_plans(
+        variant.network, cfg.network_class_name, cfg.arch_kwargs,
+        {**nnUNetTrainerAllUKAN.ka_kwargs, **(ka_kwargs or {}), **variant.overrides})
+    return class_name, kwargs
+
+
+def named_for_plans(variant: Variant, cfg: NetworkConfig) -> Variant:
+    """The variant with its row named after the class these plans build (ResidualEncoderUNet, AllUKANResEnc ...)."""
+    if variant.network not in (PLAIN_CONV_UNET, ALLUKAN):
+        return variant
+    default_class = variant.network.rsplit(".", 1)[1]
+    built_class = network_class_and_kwargs(variant, cfg)[0].rsplit(".", 1)[1]
+    if built_class == default_class:
+        return variant
+    return replace(variant, name=built_class + variant.name[len(default_class):])
+
+
+def build_network(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None = None) -> nn.Module:
+    """The variant's network from the configuration, with deep supervision on (as nnU-Net trains)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    class_name, kwargs = network_class_and_kwargs(variant, cfg, ka_kwargs)
     network_class = _locate_class(class_name)
     kwargs = _accepted_kwargs(network_class, kwargs)
     network = get_network_from_plans(class_name, kwargs, [k for k in cfg.req_import if k in kwargs],
