@@ -10,7 +10,8 @@ from nnunetv2_allukan.activation import SharedSplineActivation
 from nnunetv2_allukan.tools.add_plans import add_allukan_configuration
 from nnunetv2_allukan.tools.profiling.configs import synthetic_plans
 from nnunetv2_allukan.trainers import (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_exactGrad,
-                                       nnUNetTrainerAllUKAN_shareChannel, nnUNetTrainerAllUKAN_shareGroup)
+                                       nnUNetTrainerAllUKAN_noTokens, nnUNetTrainerAllUKAN_shareChannel,
+                                       nnUNetTrainerAllUKAN_shareGroup)
 from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_RESENC_CLASS_NAME
 
 DEFAULTS = nnUNetTrainerAllUKAN.ka_kwargs
@@ -63,6 +64,24 @@ def test_share_group_variant_gives_every_ka_layer_gcd_of_its_channels_and_8_spli
     out = network(torch.randn(2, 1, 32, 32))
     sum(o.square().mean() for o in out).backward()
     assert all(a.coef.grad is not None and a.coef.grad.abs().sum() > 0 for a in activations)
+
+
+def test_no_tokens_variant_has_the_plain_unet_topology_with_ka_layers():
+    from nnunetv2_allukan.architectures.allukan import TokenKABlock
+    from nnunetv2_allukan.layers import KAModule
+
+    pm = _plans()
+    cfg = pm.get_configuration("2d")
+    default = nnUNetTrainerAllUKAN.build_network_architecture(pm, cfg, 1, 3, True)
+    plain = nnUNetTrainerAllUKAN_noTokens.build_network_architecture(pm, cfg, 1, 3, True)
+    assert any(isinstance(m, TokenKABlock) for m in default.modules())
+    assert not any(isinstance(m, TokenKABlock) for m in plain.modules())
+    # one KAonv per conv of the plans: encoder n_conv_per_stage, decoder transposed convs, convs and the heads
+    arch = cfg.network_arch_init_kwargs
+    n_ka = sum(isinstance(m, KAModule) for m in plain.modules())
+    n_stages = arch["n_stages"]
+    assert n_ka == sum(arch["n_conv_per_stage"]) + 2 * (n_stages - 1) + sum(arch["n_conv_per_stage_decoder"])
+    assert "token_stages=0 (the trainer's choice)" in nnUNetTrainerAllUKAN_noTokens.network_choice(cfg).reason
 
 
 def test_a_variants_explicit_choice_wins_over_the_plans_and_is_logged():

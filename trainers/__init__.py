@@ -12,7 +12,7 @@ from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epoc
                        nnUNetTrainerAllUKAN_fixedLeakyReLU, nnUNetTrainerAllUKAN_leakyInit,
                        nnUNetTrainerAllUKAN_splineAdam, nnUNetTrainerAllUKAN_splineAdamNoClip,
                        nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup,
-                       nnUNetTrainerAllUKAN_shareGroup)
+                       nnUNetTrainerAllUKAN_shareGroup, nnUNetTrainerAllUKAN_noTokens)
 
 TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
                  "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
@@ -24,6 +24,7 @@ TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnU
                  "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerAllUKAN_fixedLeakyReLU",
                  "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineAdam",
                  "nnUNetTrainerAllUKAN_splineAdamNoClip", "nnUNetTrainerAllUKAN_splineSGD10x",
-                 "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_shareGroup"]
+                 "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_shareGroup",
+                 "nnUNetTrainerAllUKAN_noTokens"]
 
 __all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

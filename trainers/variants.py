@@ -22,6 +22,11 @@ class nnUNetTrainerAllUKAN_shareGroup(nnUNetTrainerAllUKAN):
     ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "share": "group"}
 
 
+class nnUNetTrainerAllUKAN_noTokens(nnUNetTrainerAllUKAN):
+    """No tokenised KA blocks: every stage is KAonv -> norm, the CNN's topology with KA layers (token_stages=0)."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "token_stages": 0}
+
+
 class nnUNetTrainerAllUKAN_skipAdd(nnUNetTrainerAllUKAN):
     """U-KAN's additive skip fusion instead of nnU-Net's concatenation."""
     ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "skip_mode": "add"}
