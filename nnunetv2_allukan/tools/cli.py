@@ -8,7 +8,7 @@
   crossval      run and compare cross-validations of several trainers (tables, CSV, JSON, box plot)
   make-dataset  write a real-data nnU-Net raw dataset from files inside installed PyPI packages
   plot-activations  PNG of every KA layer's learned activation, from an nnU-Net checkpoint
-  profile       params, FLOPs, activation memory, step time: AllUKAN vs PlainConvUNet, UKAN, StackedKAN
+  profile       params, FLOPs, activation memory, step time: AllUKAN vs nnU-Net's CNN, UKAN, StackedKAN
   gradfid       cosine similarity of Grad-Free Spline vs exact gradients, per layer (JSON + PNG)
   bench-layers  the layer benchmark
   export-onnx   a trained fold as an ONNX file (plans' patch size), checked with onnxruntime when installed
@@ -93,15 +93,29 @@ def _export_onnx(args) -> int:
     return export_onnx.main(args.rest)
 
 
+# Commands whose arguments go to them untouched: name -> (function, one-line help).
+PASS_THROUGH = {
+    "train": (_train, "run nnUNetv2_train with the ALL U-KAN trainers discoverable (arguments unchanged)"),
+    "predict": (_predict, "run nnUNetv2_predict with the ALL U-KAN trainers discoverable (arguments unchanged)"),
+    "demo": (_demo, "the real-data demo (see nnunetv2-allukan demo -h)"),
+    "crossval": (_crossval, "cross-validation benchmarking (see nnunetv2-allukan crossval -h)"),
+    "gradfid": (_gradfid, "cosine similarity of Grad-Free vs exact gradients (see gradfid -h)"),
+    "profile": (_profile, "AllUKAN vs comparators (see nnunetv2-allukan profile -h)"),
+    "bench-layers": (_bench_layers, "layer benchmark (see python -m nnunetv2_allukan.bench_layers -h)"),
+    "export-onnx": (_export_onnx, "a trained fold as ONNX (see nnunetv2-allukan export-onnx -h)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunetv2-allukan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ext-path", help="print the folder to put in nnUNet_extTrainer")
     p.set_defaults(func=_ext_path)
-    for name, func, target in (("train", _train, "nnUNetv2_train"), ("predict", _predict, "nnUNetv2_predict")):
-        p = sub.add_parser(name, help=f"run {target} with the ALL U-KAN trainers discoverable", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help=f"arguments for {target}, unchanged")
+    for name, (func, help_text) in PASS_THROUGH.items():
+        # These commands parse their own arguments (or nnU-Net's): the subparser only lists them in --help.
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
     p = sub.add_parser("add-plans", help="add a plans configuration that names AllUKAN (stock trainer, no variable)")
     p.add_argument("-d", dest="dataset", required=True, help="dataset id or name")
@@ -118,13 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-mode", dest="skip_mode", choices=["concat", "add"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
     p.set_defaults(func=_add_plans)
-    p = sub.add_parser("demo", help="the real-data demo (see nnunetv2-allukan demo -h)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_demo)
-    p = sub.add_parser("crossval", help="cross-validation benchmarking (see nnunetv2-allukan crossval -h)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_crossval)
     p = sub.add_parser("make-dataset", help="build a real-data nnU-Net raw dataset (ICBM152 from nilearn; a "
                                             "10-class parcellation from deepmriprep)")
     p.add_argument("kind", choices=["icbm2d", "icbm3d", "parcellation2d"])
@@ -146,33 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="output", help="PNG path (default: activations.png next to the checkpoint)")
     p.add_argument("--max-channels", type=int, default=4, help="splines overlaid for share='channel'/'group'")
     p.set_defaults(func=_plot_activations)
-    p = sub.add_parser("gradfid", help="cosine similarity of Grad-Free vs exact gradients (see gradfid -h)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_gradfid)
-    p = sub.add_parser("profile", help="AllUKAN vs comparators (see nnunetv2-allukan profile -h)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_profile)
-    p = sub.add_parser("bench-layers", help="layer benchmark (see python -m nnunetv2_allukan.bench_layers -h)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_bench_layers)
-    p = sub.add_parser("export-onnx", help="a trained fold as ONNX (see nnunetv2-allukan export-onnx -h)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_export_onnx)
     return parser
-
-
-PASS_THROUGH = {"train": _train, "predict": _predict, "bench-layers": _bench_layers, "demo": _demo,
-                "crossval": _crossval, "profile": _profile, "gradfid": _gradfid, "export-onnx": _export_onnx}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in PASS_THROUGH:
         # argparse would try to interpret options such as -i meant for nnU-Net: hand them over untouched.
-        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASS_THROUGH[argv[0]])
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASS_THROUGH[argv[0]][0])
     else:
         args = build_parser().parse_args(argv)
     from .checkpoints import CheckpointError
