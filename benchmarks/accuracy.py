@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -34,12 +35,17 @@ TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D", "conf
 SLABS_3D = 12  # slices per 3D case: ~15 cases with tissue, enough for 3 folds with a one-slab gap
 
 
-def task_environment(workdir: str, budget_tag: str) -> dict:
-    """nnU-Net folders: raw and preprocessed shared by all runs; one results root per budget (nnU-Net names
-    result folders by trainer only, so two budgets of one trainer would otherwise collide)."""
+def results_root(workdir: str, budget_tag: str, seed: int = 0) -> str:
+    """nnUNet_results of one budget and seed: nnU-Net names result folders by trainer and fold only, so two budgets
+    or two seeds of one trainer would otherwise overwrite each other's checkpoints (seed 0 keeps the plain name)."""
+    return os.path.join(workdir, "results", budget_tag if seed == 0 else f"{budget_tag}_seed{seed}")
+
+
+def task_environment(workdir: str, budget_tag: str, seed: int = 0) -> dict:
+    """nnU-Net folders: raw and preprocessed shared by all runs; one results root per budget and seed."""
     env = dict(os.environ)
     env.update(nnUNet_raw=os.path.join(workdir, "raw"), nnUNet_preprocessed=os.path.join(workdir, "preprocessed"),
-               nnUNet_results=os.path.join(workdir, "results", budget_tag))
+               nnUNet_results=results_root(workdir, budget_tag, seed))
     env.setdefault("nnUNet_def_n_proc", "1")
     env.setdefault("nnUNet_n_proc_DA", "0")  # single process: seeded augmentation, no worker-pool overhead
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -135,6 +141,38 @@ def seeded_trainer(task: str, trainer_name: str, fold: int, seed: int, preproces
     return trainer, planned_batch
 
 
+def foreground_dice(dice_per_class: dict) -> float:
+    """Mean Dice over the foreground classes that have one.
+
+    nnU-Net's Dice of a class is NaN in a case where the class is neither in the reference nor predicted, and its
+    mean over cases skips those; a class absent from every validation case and never predicted stays NaN, and then
+    nnU-Net's ``foreground_mean`` is NaN too. A slab fold can lack a structure altogether (the inferior slab of the
+    parcellation task has no deep grey matter), so the runs' foreground Dice is the mean over the classes with a
+    defined Dice, and the record lists the others. A class absent from the reference but predicted has Dice 0 and
+    counts."""
+    values = [v for v in dice_per_class.values() if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def classes_without_dice(dice_per_class: dict) -> list[str]:
+    """The labels ``foreground_dice`` leaves out (absent from every validation case and never predicted)."""
+    return sorted((k for k, v in dice_per_class.items() if math.isnan(v)), key=_label_order)
+
+
+def resume_cut_run(trainer) -> int | None:
+    """Continue a run that was cut off (a session ended) from its ``checkpoint_latest.pth``, as nnU-Net's ``--c``
+    does; returns the epoch it resumes at, or None for a fresh start.
+
+    nnU-Net deletes ``checkpoint_latest.pth`` when a run finishes, so its presence means a cut run (``train_one``
+    saves it every 5 epochs). nnU-Net does not save the RNG streams: a resumed run continues the same optimisation
+    but draws different batches and augmentations than an uninterrupted one would, and its record says so."""
+    latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    if not os.path.isfile(latest) or os.path.isfile(os.path.join(trainer.output_folder, "checkpoint_final.pth")):
+        return None
+    trainer.load_checkpoint(latest)
+    return trainer.current_epoch
+
+
 def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: int, seed: int, workdir: str,
               threads: int, plans_name: str = "default", batch_size: int | None = None) -> dict:
     """One run in this process (called in a subprocess by ``run``): nnU-Net's training + final validation."""
@@ -149,11 +187,15 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = 5
     trainer.save_every = 5
+    resumed_at = resume_cut_run(trainer)
+    if resumed_at is not None:
+        print(f"[accuracy] resuming the cut run at epoch {resumed_at}", flush=True)
     started = time.time()
     trainer.run_training()
     train_seconds = time.time() - started
     trainer.perform_actual_validation(False)
     summary = load_json(os.path.join(trainer.output_folder, "validation", "summary.json"))
+    dice = {k: float(v["Dice"]) for k, v in summary["mean"].items()}
     log = trainer.logger.my_fantastic_logging if hasattr(trainer.logger, "my_fantastic_logging") else \
         trainer.logger.local_logger.my_fantastic_logging
     stats_file = os.path.join(trainer.output_folder, "ka_statistics.jsonl")
@@ -163,10 +205,13 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
             lines = [json.loads(line) for line in f if line.strip()]
         ka_stats = {"first": _stats_summary(lines[0]), "last": _stats_summary(lines[-1])} if lines else None
     epoch_seconds = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    if resumed_at is not None:  # this process trained only the last epochs: count every epoch's own time
+        train_seconds = sum(epoch_seconds)
     return {"task": task, "trainer": trainer_name, "fold": fold, "seed": seed, "epochs": epochs,
             "iterations_per_epoch": iterations, "iterations": epochs * iterations,
-            "dice": {k: float(v["Dice"]) for k, v in summary["mean"].items()},
-            "foreground_mean": float(summary["foreground_mean"]["Dice"]),
+            "dice": dice, "foreground_mean": foreground_dice(dice),
+            "nnunet_foreground_mean": float(summary["foreground_mean"]["Dice"]),
+            "classes_without_dice": classes_without_dice(dice),
             "parameters": sum(p.numel() for p in trainer.network.parameters()),
             "train_seconds": train_seconds, "median_epoch_seconds": statistics.median(epoch_seconds),
             "curves": {"train_loss": [float(v) for v in log["train_losses"]],
@@ -175,6 +220,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
                        "epoch_seconds": epoch_seconds},
             "ka_statistics": ka_stats, "threads": threads, "torch": torch.__version__,
             "batch_size": trainer.configuration_manager.batch_size, "planned_batch_size": planned_batch,
+            "resumed_at_epoch": resumed_at,
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -194,9 +240,9 @@ def run(args) -> int:
     workdir = os.path.abspath(args.workdir)
     prepare_task(args.task, workdir, args.downsample, args.plans)
     tag = budget_tag(args.epochs, args.iterations, args.plans, args.batch_size)
-    env = task_environment(workdir, tag)
     failed = []
     for seed in args.seeds:
+        env = task_environment(workdir, tag, seed)
         for fold in args.folds:
             for trainer in args.trainers:
                 out = result_path(workdir, args.task, tag, trainer, fold, seed)
@@ -246,7 +292,11 @@ def report(args) -> int:
     rows = []
     for path in sorted(glob.glob(os.path.join(os.path.abspath(args.workdir), "runs", "*", "*", "*", "*.json"))):
         with open(path) as f:
-            rows.append(json.load(f))
+            r = json.load(f)
+        if math.isnan(r["foreground_mean"]):  # recorded before foreground_dice: nnU-Net's NaN mean
+            r["nnunet_foreground_mean"], r["foreground_mean"] = r["foreground_mean"], foreground_dice(r["dice"])
+            r["classes_without_dice"] = classes_without_dice(r["dice"])
+        rows.append(r)
     os.makedirs(args.out, exist_ok=True)
     compact = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
     with open(os.path.join(args.out, "runs.json"), "w") as f:
@@ -434,7 +484,7 @@ def spline_motion(args) -> int:
     spec = TASKS[args.task]
     table = {}
     for trainer_name in args.trainers:
-        folder = os.path.join(workdir, "results", tag, spec["name"],
+        folder = os.path.join(results_root(workdir, tag, args.seed), spec["name"],
                               f"{trainer_name}__{PLANS[args.plans]}__{spec['configuration']}", f"fold_{args.fold}")
         final, _ = load_network(os.path.join(folder, "checkpoint_final.pth"))
         start = initial_splines(initial_network(args.task, trainer_name, args.fold, args.seed, workdir, args.plans,

@@ -2,9 +2,12 @@
 values recomputed here from the records, not from the report)."""
 import importlib.util
 import json
+import math
 import random
 import statistics
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +78,24 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     assert (out / "dice_boxplots.png").stat().st_size > 0 and (out / "learning_curves.png").stat().st_size > 0
 
 
+def test_foreground_dice_skips_classes_without_one_and_the_report_repairs_old_records(tmp_path):
+    """A slab without a structure: nnU-Net's per-class mean is NaN there, and so is its foreground_mean."""
+    accuracy = _accuracy_module()
+    dice = {"1": 0.5, "2": float("nan"), "10": 0.0, "3": 0.25}  # 0.0: absent but predicted, counts
+    assert accuracy.foreground_dice(dice) == (0.5 + 0.0 + 0.25) / 3
+    assert accuracy.classes_without_dice(dice) == ["2"]
+    assert math.isnan(accuracy.foreground_dice({"1": float("nan")}))
+    old = _run("nnUNetTrainer", 0, 2000, 0.5, 100.0, task="parcellation")
+    old.update(dice=dice, foreground_mean=float("nan"))  # as recorded before: nnU-Net's own mean
+    path = tmp_path / "runs" / "parcellation" / "e80x25" / "nnUNetTrainer" / "fold_0_seed0.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(old))
+    assert accuracy.main(["report", "--workdir", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    row = _row((tmp_path / "report" / "summary.md").read_text(), "parcellation", "nnUNetPlans", "2000",
+               "nnUNetTrainer")
+    assert row[5] == f"**{(0.5 + 0.25) / 3:.4f}**"
+
+
 def test_resenc_plans_reuse_the_default_plans_preprocessed_data(tmp_path):
     """Preprocessing ResEnc plans again would rewrite the folder that running trainings of the default plans read."""
     accuracy = _accuracy_module()
@@ -90,3 +111,50 @@ def test_resenc_plans_reuse_the_default_plans_preprocessed_data(tmp_path):
     (tmp_path / "nnUNetPlans_2d").mkdir()
     (tmp_path / "nnUNetPlans_2d" / "case.pkl").write_bytes(b"")
     assert shares("nnUNetResEncUNetMPlans") and not shares("OtherPlans")
+
+
+def test_each_seed_trains_into_its_own_results_root():
+    """Seed 1 of a budget must not overwrite seed 0's checkpoints (spline-motion reads them afterwards)."""
+    accuracy = _accuracy_module()
+    roots = {accuracy.results_root("/w", "e80x25", s) for s in (0, 1, 2)}
+    assert len(roots) == 3 and accuracy.results_root("/w", "e80x25", 0) == "/w/results/e80x25"
+
+
+@pytest.mark.e2e
+def test_a_cut_run_resumes_from_its_latest_checkpoint(nnunet, monkeypatch):
+    """A session that ends mid-run leaves checkpoint_latest.pth; the next ``train_one`` continues from it."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN
+
+    accuracy = _accuracy_module()
+    for k, v in nnunet["env"].items():
+        if k.startswith("nnUNet_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_results", str(nnunet["root"] / "results_resume"))
+    pre = Path(nnunet["env"]["nnUNet_preprocessed"]) / "Dataset990_KATest2D"
+
+    def trainer(epochs):
+        plans = {**load_json(str(pre / "nnUNetPlans.json")), "continue_training": False}
+        t = nnUNetTrainerAllUKAN(plans, "2d", 0, load_json(str(pre / "dataset.json")), device=torch.device("cpu"))
+        t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch, t.save_every = epochs, 2, 1, 1
+        return t
+
+    first = trainer(2)
+    assert accuracy.resume_cut_run(first) is None  # nothing there: a fresh start
+    first.run_training()
+    out = Path(first.output_folder)
+    assert (out / "checkpoint_final.pth").is_file() and not (out / "checkpoint_latest.pth").exists()
+    assert accuracy.resume_cut_run(trainer(3)) is None  # a finished run is not resumed
+    # Cut it: a run stopped after 2 of 3 epochs has only its latest checkpoint.
+    (out / "checkpoint_final.pth").rename(out / "checkpoint_latest.pth")
+    cut_weights = torch.load(out / "checkpoint_latest.pth", weights_only=False)["network_weights"]
+    second = trainer(3)
+    assert accuracy.resume_cut_run(second) == 2
+    assert all(torch.equal(v, cut_weights[k]) for k, v in second.network.state_dict().items())
+    second.run_training()  # trains epoch 2 only
+    log = second.logger.my_fantastic_logging if hasattr(second.logger, "my_fantastic_logging") else \
+        second.logger.local_logger.my_fantastic_logging
+    assert len(log["epoch_end_timestamps"]) == 3 and len(log["train_losses"]) == 3
+    moved = [k for k, v in second.network.state_dict().items() if not torch.equal(v, cut_weights[k])]
+    assert moved  # it trained on from the checkpoint
