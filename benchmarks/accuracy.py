@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -141,22 +140,25 @@ def seeded_trainer(task: str, trainer_name: str, fold: int, seed: int, preproces
     return trainer, planned_batch
 
 
-def foreground_dice(dice_per_class: dict) -> float:
-    """Mean Dice over the foreground classes that have one.
+def fold_dice(summary: dict) -> dict:
+    """The Dice fields of a run record from nnU-Net's validation ``summary.json``.
 
-    nnU-Net's Dice of a class is NaN in a case where the class is neither in the reference nor predicted, and its
-    mean over cases skips those; a class absent from every validation case and never predicted stays NaN, and then
-    nnU-Net's ``foreground_mean`` is NaN too. A slab fold can lack a structure altogether (the inferior slab of the
-    parcellation task has no deep grey matter), so the runs' foreground Dice is the mean over the classes with a
-    defined Dice, and the record lists the others. A class absent from the reference but predicted has Dice 0 and
-    counts."""
-    values = [v for v in dice_per_class.values() if not math.isnan(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def classes_without_dice(dice_per_class: dict) -> list[str]:
-    """The labels ``foreground_dice`` leaves out (absent from every validation case and never predicted)."""
-    return sorted((k for k, v in dice_per_class.items() if math.isnan(v)), key=_label_order)
+    ``foreground_mean`` is the mean over the foreground classes **present in the held-out fold's reference** (in at
+    least one case), each class's Dice as nnU-Net computes it (per case, then the mean over the cases where it is
+    defined). A slab fold can lack a structure altogether (the inferior slab of the parcellation task has no
+    frontal, parietal or occipital cortex and no deep grey matter); nnU-Net's ``foreground_mean`` then scores such a
+    class 0 if any voxel of it was predicted anywhere and NaN (so NaN overall) if none was, which measures stray
+    voxels rather than segmentation. Those classes are listed instead (``absent_classes_predicted``), and nnU-Net's
+    own number is kept as ``nnunet_foreground_mean``."""
+    dice = {k: float(v["Dice"]) for k, v in summary["mean"].items()}
+    cases = [c["metrics"] for c in summary["metric_per_case"]]
+    present = [k for k in dice if any(c[k]["n_ref"] > 0 for c in cases)]
+    absent_predicted = [k for k in dice if k not in present and any(c[k]["n_pred"] > 0 for c in cases)]
+    return {"dice": dice,
+            "foreground_mean": sum(dice[k] for k in present) / len(present) if present else float("nan"),
+            "classes_present": sorted(present, key=_label_order),
+            "absent_classes_predicted": sorted(absent_predicted, key=_label_order),
+            "nnunet_foreground_mean": float(summary["foreground_mean"]["Dice"])}
 
 
 def resume_cut_run(trainer) -> int | None:
@@ -195,7 +197,6 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     train_seconds = time.time() - started
     trainer.perform_actual_validation(False)
     summary = load_json(os.path.join(trainer.output_folder, "validation", "summary.json"))
-    dice = {k: float(v["Dice"]) for k, v in summary["mean"].items()}
     log = trainer.logger.my_fantastic_logging if hasattr(trainer.logger, "my_fantastic_logging") else \
         trainer.logger.local_logger.my_fantastic_logging
     stats_file = os.path.join(trainer.output_folder, "ka_statistics.jsonl")
@@ -209,9 +210,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
         train_seconds = sum(epoch_seconds)
     return {"task": task, "trainer": trainer_name, "fold": fold, "seed": seed, "epochs": epochs,
             "iterations_per_epoch": iterations, "iterations": epochs * iterations,
-            "dice": dice, "foreground_mean": foreground_dice(dice),
-            "nnunet_foreground_mean": float(summary["foreground_mean"]["Dice"]),
-            "classes_without_dice": classes_without_dice(dice),
+            **fold_dice(summary),
             "parameters": sum(p.numel() for p in trainer.network.parameters()),
             "train_seconds": train_seconds, "median_epoch_seconds": statistics.median(epoch_seconds),
             "curves": {"train_loss": [float(v) for v in log["train_losses"]],
@@ -287,16 +286,45 @@ def train_one_command(args) -> int:
     return 0
 
 
+def rescore(args) -> int:
+    """Rewrite the Dice fields of every run record from its fold's ``validation/summary.json`` (``fold_dice``), for
+    records written before the present definition; nothing is retrained."""
+    workdir = os.path.abspath(args.workdir)
+    changed = 0
+    for path in sorted(glob.glob(os.path.join(workdir, "runs", "*", "*", "*", "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        tag = os.path.basename(os.path.dirname(os.path.dirname(path)))
+        configuration = r.get("configuration", TASKS[r["task"]]["configuration"])
+        summary_file = os.path.join(results_root(workdir, tag, r["seed"]), TASKS[r["task"]]["name"],
+                                    f"{r['trainer']}__{r.get('plans', PLANS['default'])}__{configuration}",
+                                    f"fold_{r['fold']}", "validation", "summary.json")
+        if not os.path.isfile(summary_file):
+            print(f"[accuracy] kept as recorded (no {summary_file}): {path}", flush=True)
+            continue
+        with open(summary_file) as f:
+            fields = fold_dice(json.load(f))
+        if json.dumps(fields["dice"], sort_keys=True) != json.dumps(r["dice"], sort_keys=True):
+            # a later run of the same trainer, fold and budget wrote that folder (e.g. another thread count)
+            print(f"[accuracy] kept as recorded (the summary belongs to another run): {path}", flush=True)
+            continue
+        if any(json.dumps(r.get(k)) != json.dumps(v) for k, v in fields.items()):  # NaN-safe
+            old = r["foreground_mean"]
+            r.update(fields)
+            with open(path, "w") as f:
+                json.dump(r, f, indent=1)
+            changed += 1
+            print(f"[accuracy] {path}: foreground Dice {old:.4f} -> {r['foreground_mean']:.4f}", flush=True)
+    print(f"[accuracy] {changed} record(s) rescored", flush=True)
+    return 0
+
+
 def report(args) -> int:
     """Tables (Markdown) and a compact JSON of every finished run, plus learning-curve plots."""
     rows = []
     for path in sorted(glob.glob(os.path.join(os.path.abspath(args.workdir), "runs", "*", "*", "*", "*.json"))):
         with open(path) as f:
-            r = json.load(f)
-        if math.isnan(r["foreground_mean"]):  # recorded before foreground_dice: nnU-Net's NaN mean
-            r["nnunet_foreground_mean"], r["foreground_mean"] = r["foreground_mean"], foreground_dice(r["dice"])
-            r["classes_without_dice"] = classes_without_dice(r["dice"])
-        rows.append(r)
+            rows.append(json.load(f))
     os.makedirs(args.out, exist_ok=True)
     compact = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
     with open(os.path.join(args.out, "runs.json"), "w") as f:
@@ -556,6 +584,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default=None, help="folder for spline_motion_*.md/.json (default: print only)")
     p.set_defaults(func=spline_motion)
+    p = sub.add_parser("rescore", help="recompute the Dice fields of the run records from nnU-Net's validation "
+                                       "summaries (after a change of definition; no training)")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(func=rescore)
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default="docs/accuracy_results")

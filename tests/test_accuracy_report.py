@@ -78,22 +78,60 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     assert (out / "dice_boxplots.png").stat().st_size > 0 and (out / "learning_curves.png").stat().st_size > 0
 
 
-def test_foreground_dice_skips_classes_without_one_and_the_report_repairs_old_records(tmp_path):
-    """A slab without a structure: nnU-Net's per-class mean is NaN there, and so is its foreground_mean."""
+def _summary(per_case: list[dict]) -> dict:
+    """nnU-Net's validation summary.json for cases given as {label: (tp, fp, fn)}, with nnU-Net's per-case Dice
+    (NaN where tp + fp + fn = 0) and per-class means over the cases where it is defined."""
+    def dice(tp, fp, fn):
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+
+    cases = [{"metrics": {k: {"Dice": dice(*c[k]), "n_ref": c[k][0] + c[k][2], "n_pred": c[k][0] + c[k][1]}
+                          for k in c}} for c in per_case]
+    mean = {}
+    for k in per_case[0]:
+        values = [c["metrics"][k]["Dice"] for c in cases if not math.isnan(c["metrics"][k]["Dice"])]
+        mean[k] = {"Dice": statistics.mean(values) if values else float("nan")}
+    return {"metric_per_case": cases, "mean": mean,
+            "foreground_mean": {"Dice": statistics.mean(v["Dice"] for v in mean.values())}}
+
+
+def test_fold_dice_averages_the_classes_present_in_the_fold_and_lists_stray_predictions():
+    """A slab without some structures: nnU-Net's foreground_mean is NaN (or 0 for a stray voxel) there."""
     accuracy = _accuracy_module()
-    dice = {"1": 0.5, "2": float("nan"), "10": 0.0, "3": 0.25}  # 0.0: absent but predicted, counts
-    assert accuracy.foreground_dice(dice) == (0.5 + 0.0 + 0.25) / 3
-    assert accuracy.classes_without_dice(dice) == ["2"]
-    assert math.isnan(accuracy.foreground_dice({"1": float("nan")}))
-    old = _run("nnUNetTrainer", 0, 2000, 0.5, 100.0, task="parcellation")
-    old.update(dice=dice, foreground_mean=float("nan"))  # as recorded before: nnU-Net's own mean
-    path = tmp_path / "runs" / "parcellation" / "e80x25" / "nnUNetTrainer" / "fold_0_seed0.json"
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(old))
-    assert accuracy.main(["report", "--workdir", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
-    row = _row((tmp_path / "report" / "summary.md").read_text(), "parcellation", "nnUNetPlans", "2000",
-               "nnUNetTrainer")
-    assert row[5] == f"**{(0.5 + 0.25) / 3:.4f}**"
+    # label 1 present; 2 absent and never predicted (NaN); 3 absent but one stray voxel predicted (0); 4 present.
+    summary = _summary([{"1": (8, 2, 0), "2": (0, 0, 0), "3": (0, 1, 0), "4": (3, 0, 3)},
+                        {"1": (5, 0, 5), "2": (0, 0, 0), "3": (0, 0, 0), "4": (0, 0, 0)}])
+    fields = accuracy.fold_dice(summary)
+    assert math.isnan(fields["nnunet_foreground_mean"])
+    assert fields["classes_present"] == ["1", "4"] and fields["absent_classes_predicted"] == ["3"]
+    expected = statistics.mean([statistics.mean([16 / 18, 10 / 15]), 6 / 9])
+    assert fields["foreground_mean"] == pytest.approx(expected)
+    assert fields["dice"]["3"] == 0.0
+
+
+def test_rescore_rewrites_old_records_from_the_validation_summaries(tmp_path):
+    accuracy = _accuracy_module()
+    summary = _summary([{"1": (8, 2, 0), "2": (0, 0, 0)}])
+    folder = (tmp_path / "results" / "e80x25_seed1" / accuracy.TASKS["parcellation"]["name"]
+              / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "validation")
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    old = _run("nnUNetTrainer", 0, 2000, float("nan"), 100.0, task="parcellation")
+    old.update(seed=1, dice={"1": 16 / 18, "2": float("nan")})
+    del old["plans"]  # early records did not name the plans: nnU-Net's default
+    record = tmp_path / "runs" / "parcellation" / "e80x25" / "nnUNetTrainer" / "fold_0_seed1.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps(old))
+    other = dict(old, trainer="nnUNetTrainer", fold=0, dice={"1": 0.5, "2": float("nan")})
+    other_record = tmp_path / "runs" / "parcellation" / "e20x25" / "nnUNetTrainer" / "fold_0_seed1.json"
+    other_record.parent.mkdir(parents=True)
+    other_record.write_text(json.dumps(other))
+    (tmp_path / "results" / "e20x25_seed1").symlink_to(tmp_path / "results" / "e80x25_seed1")
+    assert accuracy.main(["rescore", "--workdir", str(tmp_path)]) == 0
+    new = json.loads(record.read_text())
+    assert new["foreground_mean"] == pytest.approx(16 / 18) and new["classes_present"] == ["1"]
+    assert new["train_seconds"] == 100.0  # the rest of the record is kept
+    # a record whose folder now holds another run's summary (different per-class Dice) is left alone
+    assert math.isnan(json.loads(other_record.read_text())["foreground_mean"])
 
 
 def test_resenc_plans_reuse_the_default_plans_preprocessed_data(tmp_path):
