@@ -82,6 +82,12 @@ def test_no_tokens_variant_has_the_plain_unet_topology_with_ka_layers():
     n_stages = arch["n_stages"]
     assert n_ka == sum(arch["n_conv_per_stage"]) + 2 * (n_stages - 1) + sum(arch["n_conv_per_stage_decoder"])
     assert "token_stages=0 (the trainer's choice)" in nnUNetTrainerAllUKAN_noTokens.network_choice(cfg).reason
+    # the combined recipe builds the same network and keeps the splines' own optimizer group
+    from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN_noTokensSplineAdam as combined
+    from nnunetv2_allukan.trainers.recipes import SplineParameterGroup
+    assert issubclass(combined, SplineParameterGroup) and combined.spline_optimizer == "adam"
+    both = combined.build_network_architecture(pm, cfg, 1, 3, True)
+    assert [type(m) for m in both.modules()] == [type(m) for m in plain.modules()]
 
 
 def test_a_variants_explicit_choice_wins_over_the_plans_and_is_logged():

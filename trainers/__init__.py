@@ -12,7 +12,8 @@ from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epoc
                        nnUNetTrainerAllUKAN_fixedLeakyReLU, nnUNetTrainerAllUKAN_leakyInit,
                        nnUNetTrainerAllUKAN_splineAdam, nnUNetTrainerAllUKAN_splineAdamNoClip,
                        nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup,
-                       nnUNetTrainerAllUKAN_shareGroup, nnUNetTrainerAllUKAN_noTokens)
+                       nnUNetTrainerAllUKAN_shareGroup, nnUNetTrainerAllUKAN_noTokens,
+                       nnUNetTrainerAllUKAN_noTokensSplineAdam)
 
 TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
                  "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
@@ -25,6 +26,6 @@ TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnU
                  "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineAdam",
                  "nnUNetTrainerAllUKAN_splineAdamNoClip", "nnUNetTrainerAllUKAN_splineSGD10x",
                  "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_shareGroup",
-                 "nnUNetTrainerAllUKAN_noTokens"]
+                 "nnUNetTrainerAllUKAN_noTokens", "nnUNetTrainerAllUKAN_noTokensSplineAdam"]
 
 __all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

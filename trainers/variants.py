@@ -89,6 +89,11 @@ class nnUNetTrainerAllUKAN_splineAdamNoClip(nnUNetTrainerAllUKAN_splineAdam):
     spline_clip = False
 
 
+class nnUNetTrainerAllUKAN_noTokensSplineAdam(nnUNetTrainerAllUKAN_splineAdam):
+    """The two tissue-task gains together: no tokenised blocks (as _noTokens) and the splines' own Adam."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "token_stages": 0}
+
+
 class nnUNetTrainerAllUKAN_splineSGD10x(SplineParameterGroup, nnUNetTrainerAllUKAN):
     """Spline parameters in their own SGD group at 10x nnU-Net's lr, no weight decay."""
     spline_optimizer, spline_lr = "sgd", 1e-1
