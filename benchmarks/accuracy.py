@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from nnunetv2_allukan.tools.crossval import fold_folder, label_order
+
 PLANS = {"default": "nnUNetPlans", "resencm": "nnUNetResEncUNetMPlans"}  # --plans: nnU-Net's default or ResEnc M
 TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D", "configuration": "2d"},
          "parcellation": {"dataset_id": 514, "name": "Dataset514_NMMParcellation2D", "configuration": "2d"},
@@ -156,8 +158,8 @@ def fold_dice(summary: dict) -> dict:
     absent_predicted = [k for k in dice if k not in present and any(c[k]["n_pred"] > 0 for c in cases)]
     return {"dice": dice,
             "foreground_mean": sum(dice[k] for k in present) / len(present) if present else float("nan"),
-            "classes_present": sorted(present, key=_label_order),
-            "absent_classes_predicted": sorted(absent_predicted, key=_label_order),
+            "classes_present": sorted(present, key=label_order),
+            "absent_classes_predicted": sorted(absent_predicted, key=label_order),
             "nnunet_foreground_mean": float(summary["foreground_mean"]["Dice"])}
 
 
@@ -296,9 +298,9 @@ def rescore(args) -> int:
             r = json.load(f)
         tag = os.path.basename(os.path.dirname(os.path.dirname(path)))
         configuration = r.get("configuration", TASKS[r["task"]]["configuration"])
-        summary_file = os.path.join(results_root(workdir, tag, r["seed"]), TASKS[r["task"]]["name"],
-                                    f"{r['trainer']}__{r.get('plans', PLANS['default'])}__{configuration}",
-                                    f"fold_{r['fold']}", "validation", "summary.json")
+        summary_file = os.path.join(fold_folder(results_root(workdir, tag, r["seed"]), TASKS[r["task"]]["name"],
+                                                r["trainer"], r.get("plans", PLANS["default"]), configuration,
+                                                r["fold"]), "validation", "summary.json")
         if not os.path.isfile(summary_file):
             print(f"[accuracy] kept as recorded (no {summary_file}): {path}", flush=True)
             continue
@@ -341,7 +343,7 @@ def report(args) -> int:
                 if first.get("median_coef_norm") is not None else "–")
         base = f"{last['median_base_weight']:.3f}" if last.get("median_base_weight") is not None else "–"
         clip = f"{last['clipped_fraction']:.0%}" if "clipped_fraction" in last else "–"
-        per_class = " / ".join(f"{r['dice'][k]:.3f}" for k in sorted(r["dice"], key=_label_order))
+        per_class = " / ".join(f"{r['dice'][k]:.3f}" for k in sorted(r["dice"], key=label_order))
         lines.append(f"| {r['task']} | {_plans_label(r)} | {r['iterations']} | {r['fold']} | {r['seed']} | {r['trainer']} | "
                      f"{r['parameters'] / 1e6:.2f} M | **{r['foreground_mean']:.4f}** | {per_class} | "
                      f"{r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
@@ -454,11 +456,6 @@ def _plot_boxes(rows, path):
     fig.savefig(path, dpi=90)
 
 
-def _label_order(key: str):
-    """Labels in numeric order ('2' before '10'); region keys such as '(1, 2)' after them."""
-    return (0, int(key), key) if key.isdigit() else (1, 0, key)
-
-
 def _plot_curves(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -512,8 +509,8 @@ def spline_motion(args) -> int:
     spec = TASKS[args.task]
     table = {}
     for trainer_name in args.trainers:
-        folder = os.path.join(results_root(workdir, tag, args.seed), spec["name"],
-                              f"{trainer_name}__{PLANS[args.plans]}__{spec['configuration']}", f"fold_{args.fold}")
+        folder = fold_folder(results_root(workdir, tag, args.seed), spec["name"], trainer_name, PLANS[args.plans],
+                             spec["configuration"], args.fold)
         final, _ = load_network(os.path.join(folder, "checkpoint_final.pth"))
         start = initial_splines(initial_network(args.task, trainer_name, args.fold, args.seed, workdir, args.plans,
                                                 args.batch_size))
