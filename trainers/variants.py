@@ -91,7 +91,7 @@ class nnUNetTrainerAllUKAN_splineAdamNoClip(nnUNetTrainerAllUKAN_splineAdam):
 
 class nnUNetTrainerAllUKAN_noTokensSplineAdam(nnUNetTrainerAllUKAN_splineAdam):
     """The two tissue-task gains together: no tokenised blocks (as _noTokens) and the splines' own Adam."""
-    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "token_stages": 0}
+    ka_kwargs = nnUNetTrainerAllUKAN_noTokens.ka_kwargs
 
 
 class nnUNetTrainerAllUKAN_splineSGD10x(SplineParameterGroup, nnUNetTrainerAllUKAN):
