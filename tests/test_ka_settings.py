@@ -12,7 +12,7 @@ from nnunetv2_allukan.tools.profiling.configs import synthetic_plans
 from nnunetv2_allukan.trainers import (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_exactGrad,
                                        nnUNetTrainerAllUKAN_noTokens, nnUNetTrainerAllUKAN_shareChannel,
                                        nnUNetTrainerAllUKAN_shareGroup)
-from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_RESENC_CLASS_NAME
+from nnunetv2_allukan.architectures.from_plans import ALLUKAN_RESENC_CLASS_NAME
 
 DEFAULTS = nnUNetTrainerAllUKAN.ka_kwargs
 

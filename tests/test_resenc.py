@@ -26,7 +26,7 @@ from nnunetv2_allukan.architectures import AllUKAN, AllUKANResEnc, TokenKABlock,
 from nnunetv2_allukan.architectures.resenc import KAResidualBlock
 from nnunetv2_allukan.tools.add_plans import add_allukan_configuration
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN, nnUNetTrainerUKAN
-from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_RESENC_CLASS_NAME
+from nnunetv2_allukan.architectures.from_plans import ALLUKAN_RESENC_CLASS_NAME
 
 from conftest import D2, D3, SMOKE, count_ka_layers_fully_ka, ext_path, run
 

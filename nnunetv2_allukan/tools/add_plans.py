@@ -18,7 +18,7 @@ def add_allukan_configuration(plans: dict, source: str, target: str, ka_kwargs: 
     """Plans with a configuration ``target`` that inherits ``source`` and names AllUKAN (or, for residual-encoder
     plans, AllUKANResEnc), and one line saying which network and why."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import ALLUKAN_CLASS_NAME, network_for_plans
+    from nnunetv2_allukan.architectures.from_plans import ALLUKAN_CLASS_NAME, network_for_plans
 
     if source not in plans["configurations"]:
         raise UserError(f"configuration {source!r} is not in the plans; available: "
@@ -53,7 +53,7 @@ def _check_builds(plans: dict, configuration: str):
 
 def add_plans(args) -> int:
     """The command, from the CLI's parsed arguments."""
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
+    from nnunetv2_allukan.architectures.from_plans import DEFAULT_KA_KWARGS
 
     preprocessed = require_env("nnUNet_preprocessed")
     name = dataset_name(args.dataset)
@@ -62,7 +62,7 @@ def add_plans(args) -> int:
         raise UserError(f"plans file {plans_file} not found; run nnUNetv2_plan_and_preprocess -d {args.dataset} "
                         f"first, or pass -p with the plans identifier")
     target = args.name or f"{args.configuration}_allukan"
-    ka_kwargs = dict(nnUNetTrainerAllUKAN.ka_kwargs)
+    ka_kwargs = dict(DEFAULT_KA_KWARGS)
     for key in ("spline_grad", "share", "grid_size", "skip_mode", "token_stages"):
         if getattr(args, key) is not None:
             ka_kwargs[key] = getattr(args, key)

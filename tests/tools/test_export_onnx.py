@@ -15,7 +15,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2_allukan.tools import export_onnx
 from nnunetv2_allukan.tools.nnunet_commands import UserError
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN
-from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import allukan_arch_kwargs
+from nnunetv2_allukan.architectures.from_plans import allukan_arch_kwargs
 
 HAVE_EXPORTER = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_exporter = pytest.mark.skipif(not HAVE_EXPORTER, reason="needs onnx, onnxscript and onnxruntime")

@@ -15,10 +15,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from ...activation import SharedSplineActivation
+from ...architectures.from_plans import ALLUKAN_CLASS_NAME as ALLUKAN
 from ...spline import bspline_basis
 from .configs import PLAIN_CONV_UNET, NetworkConfig, ProfileError
 
-ALLUKAN = "nnunetv2_allukan.architectures.AllUKAN"
 UKAN = "nnunetv2_allukan.architectures.comparators.UKAN"
 STACKED_KAN = "nnunetv2_allukan.architectures.comparators.StackedKAN"
 
@@ -61,7 +61,7 @@ DEFAULT_ROWS = [v.key for v in VARIANTS]
 
 def network_class_and_kwargs(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None = None) -> tuple[str, dict]:
     """The dotted class the variant builds from these plans, and its constructor keywords."""
-    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import network_for_plans, nnUNetTrainerAllUKAN
+    from nnunetv2_allukan.architectures.from_plans import DEFAULT_KA_KWARGS, network_for_plans
 
     if variant.key == "cnn":
         # The CNN the plans train, unless they name one of ours (e.g. a 2d_allukan configuration).
@@ -71,7 +71,7 @@ def network_class_and_kwargs(variant: Variant, cfg: NetworkConfig, ka_kwargs: di
     # As the trainers build it: ResEnc plans (-p nnUNetResEncUNetMPlans) give AllUKAN's residual encoder.
     class_name, kwargs, _ = network_for_plans(
         variant.network, cfg.network_class_name, cfg.arch_kwargs,
-        {**nnUNetTrainerAllUKAN.ka_kwargs, **(ka_kwargs or {}), **variant.overrides})
+        {**DEFAULT_KA_KWARGS, **(ka_kwargs or {}), **variant.overrides})
     return class_name, kwargs
 
 
