@@ -2,7 +2,11 @@
 
 1. Correctness at realistic sizes: phi and every gradient of SharedSplineActivation, Triton against torch, for
    both shares, both gradient modes, both base functions, fp32/fp16/bf16 inputs, NCHW and channels_last;
-   error = max |triton - torch| / max |torch| per output.
+   error = max |triton - torch| / max |torch| per output. The coefficient and base-weight gradients are sums over
+   every element of the input (a million at the realistic size), which the two paths add in different orders, so
+   their fp32 results differ by more than one rounding; the verdict therefore compares each path with a float64
+   evaluation of the same rounded inputs (torch path): the Triton path passes where its error is within the
+   dtype's tolerance or at most twice the torch path's own error.
 2. Determinism: two backward passes of the Triton path give bitwise-equal gradients (no atomics by design).
 3. Per-layer step and peak memory under fp16 autocast (as nnU-Net trains): a fused 3x3 KAonv2d forward+backward
    with the Triton kernels and with the torch path, against LeakyReLU + Conv2d of the same shape; and the spline
@@ -15,6 +19,7 @@ Triton's interpreter; the timings then mean nothing).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import os
@@ -40,8 +45,13 @@ def _run(act, x, g):
 
 
 def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
+    got, ref = got.detach().double(), ref.detach().double()
     return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def triton_is_accurate(triton_vs_fp64: dict, torch_vs_fp64: dict, tolerance: float) -> bool:
+    """Each output of the Triton path within ``tolerance`` of float64, or at most twice the torch path's error."""
+    return all(triton_vs_fp64[k] <= max(tolerance, 2 * torch_vs_fp64[k]) for k in torch_vs_fp64)
 
 
 def correctness(device: str, shape) -> list[dict]:
@@ -59,13 +69,16 @@ def correctness(device: str, shape) -> list[dict]:
         g = torch.randn(shape, device=device).to(dtype)
         if layout == "channels_last":
             x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+        exact = _run(copy.deepcopy(act).double(), x.double(), g.double())
         reference = _run(act, x, g)
         act.backend = "triton"
         result = _run(act, x, g)
         errors = {k: _relative_error(result[k], reference[k]) for k in reference}
+        triton_vs_fp64 = {k: _relative_error(result[k], exact[k]) for k in exact}
+        torch_vs_fp64 = {k: _relative_error(reference[k], exact[k]) for k in exact}
         rows.append(dict(share=share, spline_grad=spline_grad, base=act.base, dtype=str(dtype).replace("torch.", ""),
-                         layout=layout, errors=errors,
-                         ok=all(e <= TOLERANCE[dtype] for e in errors.values())
+                         layout=layout, errors=errors, triton_vs_fp64=triton_vs_fp64, torch_vs_fp64=torch_vs_fp64,
+                         ok=triton_is_accurate(triton_vs_fp64, torch_vs_fp64, TOLERANCE[dtype])
                          and result["phi"].stride() == reference["phi"].stride()))
     return rows
 
@@ -147,13 +160,18 @@ def layer_speed(device: str, shape, repeats: int) -> list[dict]:
 
 def markdown(report: dict) -> str:
     lines = [f"# Triton kernels vs torch path ({report['device_name']}, torch {report['torch']})", "",
-             f"## Correctness, input {report['correctness_shape']} (max |triton - torch| / max |torch|)", "",
-             "| share | gradient | base | dtype | layout | phi | grad x | grad coef | grad w_b | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"## Correctness, input {report['correctness_shape']}", "",
+             "Columns phi ... grad w_b: max |triton - torch| / max |torch|. Worst vs fp64: the largest error of each "
+             "path against a float64 evaluation; ok: Triton within the dtype's tolerance or within 2x the torch "
+             "path's error.", "",
+             "| share | gradient | base | dtype | layout | phi | grad x | grad coef | grad w_b | "
+             "triton worst vs fp64 | torch worst vs fp64 | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["correctness"]:
         e = r["errors"]
         lines.append(f"| {r['share']} | {r['spline_grad']} | {r['base']} | {r['dtype']} | {r['layout']} | "
                      f"{e['phi']:.1e} | {e['grad_x']:.1e} | {e['grad_coef']:.1e} | {e['grad_base_weight']:.1e} | "
+                     f"{max(r['triton_vs_fp64'].values()):.1e} | {max(r['torch_vs_fp64'].values()):.1e} | "
                      f"{'yes' if r['ok'] else '**no**'} |")
     lines += ["", f"Determinism (two backward passes bitwise equal): {report['determinism']}", "",
               f"## Per layer, forward+backward, fp16 autocast: input {report['layer_shape']}", "",

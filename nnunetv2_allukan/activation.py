@@ -25,6 +25,7 @@ unit; the Triton kernels (``kernels``) and the torch.func rules (``func_transfor
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import math
@@ -139,9 +140,19 @@ class SplineEvaluation:
     def _pieces(self, layout: spline.MemoryLayout):
         x2 = _planes(layout.view3(layout.x))
         n_channels = layout.shape3[1]
-        piece = TORCH_PIECE_ELEMENTS if self.x.device.type == "cpu" else TORCH_PIECE_ELEMENTS_GPU
+        if _holds_no_memory(self.x):
+            piece = None  # shape propagation (FLOP counting, tracing): pieces would only multiply the ops
+        else:
+            piece = TORCH_PIECE_ELEMENTS if self.x.device.type == "cpu" else TORCH_PIECE_ELEMENTS_GPU
         for planes, positions in _piece_slices(*x2.shape, piece):
             yield _Piece(self, x2[planes, positions], planes, positions, n_channels)
+
+
+def _holds_no_memory(t: torch.Tensor) -> bool:
+    """Fake (FakeTensorMode) or meta tensors: the pieces bound memory, which these do not have."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 
 def _planes(t3: torch.Tensor) -> torch.Tensor:
@@ -423,3 +434,20 @@ class SharedSplineActivation(nn.Module):
         spline_part = basis @ self.coef.detach().float().cpu().t()  # (P, n_splines)
         base_part = self._base_function(xs)[:, None] * self.base_weight.detach().float().cpu()[None]
         return xs, base_part, spline_part
+
+
+@contextlib.contextmanager
+def spline_backend(module: nn.Module, backend: str):
+    """Every SharedSplineActivation in ``module`` evaluates with ``backend`` inside the block, then as before; e.g.
+    ``"torch"`` for an export that must hold plain ops only (export-onnx)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {BACKENDS}")
+    activations = [m for m in module.modules() if isinstance(m, SharedSplineActivation)]
+    before = [a.backend for a in activations]
+    try:
+        for a in activations:
+            a.backend = backend
+        yield module
+    finally:
+        for a, b in zip(activations, before):
+            a.backend = b

@@ -2,6 +2,7 @@
 and its report combines kernel and profile results into the issue's targets."""
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -45,3 +46,41 @@ def test_gpu_report_checks_the_targets(tmp_path):
     headline = {r["run"]: r for r in result["headline"]}
     assert abs(headline["p2d_triton"]["eager_vs_other_backend"] - 0.2) < 1e-12
     assert "| p2d_torch | AllUKAN free |" in (out / "gpu_report.md").read_text()
+
+
+def test_gpu_report_compiled_runs_have_no_other_backend(tmp_path):
+    """A compiled run (Triton backend) is not compared with itself as its 'other backend'."""
+    report = _load("gpu_report")
+    work, out = tmp_path / "work", tmp_path / "out"
+    run = work / "p2d_triton_compiled"
+    run.mkdir(parents=True)
+    rows = _profile([("cnn", "PlainConvUNet", 1.0, 1.0), ("free", "AllUKAN free", 1.1, 1.0)])
+    rows["rows"][1]["compiled_s_vs_cnn"] = 1.25
+    (run / "profile.json").write_text(json.dumps(rows))
+    report.main([str(work), str(out)])
+    result = json.loads((out / "gpu_report.json").read_text())
+    (row,) = result["headline"]
+    assert row["run"] == "p2d_triton_compiled" and row["eager_vs_other_backend"] is None
+    met = {c["target"]: c["met"] for c in result["targets"]}
+    assert met["p2d_triton_compiled AllUKAN free: step <= 1.3x CNN"] is True  # the compiled ratio, 1.25
+
+
+def test_gpu_kernels_verdict_measures_both_paths_against_float64():
+    kernels = _load("gpu_kernels")
+    torch_err = {"phi": 1e-7, "grad_coef": 2e-5}
+    assert kernels.triton_is_accurate({"phi": 1e-7, "grad_coef": 3.9e-5}, torch_err, 1e-5)  # within 2x torch's
+    assert not kernels.triton_is_accurate({"phi": 1e-7, "grad_coef": 6e-5}, torch_err, 1e-5)  # 3x torch's
+    assert not kernels.triton_is_accurate({"phi": 2e-5, "grad_coef": 1e-5}, torch_err, 1e-5)  # phi: 200x torch's
+    assert kernels.triton_is_accurate({"phi": 9e-6, "grad_coef": 1e-5}, torch_err, 1e-5)  # within tolerance
+
+
+def test_gpu_profile_keeps_time_for_the_report(tmp_path):
+    """Parts that would run past BUDGET - REPORT_S are skipped, and the report is still written."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "WORK": str(tmp_path / "work"), "DEVICE": "cpu", "PARTS": "kernels p2d",
+           "BUDGET": "21", "REPORT_S": "20"}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_profile.sh")], check=True, env=env,
+                   capture_output=True, timeout=300)
+    log = (out / "gpu_log.txt").read_text()
+    assert log.count("skipped") == 2 and "gpu_kernels.py --device cpu" in log, log
+    assert (out / "gpu_report.md").exists() and (out / "gpu_report.json").exists()

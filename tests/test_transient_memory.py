@@ -99,3 +99,31 @@ def test_pieces_give_the_values_and_gradients_of_one_pass(monkeypatch, share, sp
     monkeypatch.setattr(activation, "TORCH_PIECE_ELEMENTS", piece)
     for a, b in zip(whole, _layer_grads(layer, x)):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def _dispatched_ops(layer, x) -> int:
+    """aten ops dispatched by the layer's forward+backward on fake tensors (the profiler's FLOP counting)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = x.clone().requires_grad_()
+        with Count():
+            layer(x).sum().backward()
+    return Count.n
+
+
+def test_fake_tensors_are_evaluated_in_one_piece(monkeypatch):
+    """On fake tensors (no memory to bound) the torch path takes the whole input as one piece: the op count of a
+    forward+backward does not grow with the input (it did: a 512x512 batch-12 AllUKAN took minutes to count)."""
+    monkeypatch.setattr(activation, "TORCH_PIECE_ELEMENTS", 64)
+    layer = KAonv2d(3, 2, 3, padding=1, backend="torch")
+    small, large = torch.randn(1, 3, 4, 4), torch.randn(2, 3, 32, 32)  # 48 and 6144 values: 1 and 96 pieces
+    assert _dispatched_ops(layer, large) == _dispatched_ops(layer, small)

@@ -252,10 +252,13 @@ def test_compiled_layer_sees_one_custom_op_per_direction():
     for a, b in zip(eager, [y, xc.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     forward, backward = graphs
-    targets = [[str(n.target) for n in g.graph.nodes if n.op == "call_function"] for g in (forward, backward)]
-    assert targets[0].count("allukan.spline_phi.default") == 1, targets[0]
-    assert targets[1].count("allukan.spline_phi.default") == 1  # phi recomputed for the weight gradient
-    assert targets[1].count("allukan.spline_phi_backward.default") == 1, targets[1]
+    phi_op, backward_op = torch.ops.allukan.spline_phi.default, torch.ops.allukan.spline_phi_backward.default
+    targets = [[n.target for n in g.graph.nodes if n.op == "call_function"] for g in (forward, backward)]
+    # On failure, the whole graph (a list's repr is cut short): which ops replaced the custom ones.
+    listing = ["forward: " + ", ".join(map(str, targets[0])), "backward: " + ", ".join(map(str, targets[1]))]
+    assert targets[0].count(phi_op) == 1, listing[0]
+    assert targets[1].count(phi_op) == 1, listing[1]  # phi recomputed for the weight gradient
+    assert targets[1].count(backward_op) == 1, listing[1]
 
 
 def test_backend_option(monkeypatch):
@@ -284,3 +287,30 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert "TRITON_INTERPRET=1" in out and "cpu tensor" in out
+
+
+def test_kernels_under_compile_where_is_exporting_is_unreliable(monkeypatch):
+    """torch 2.7-2.13 answer torch.compiler.is_exporting() True under plain torch.compile (pytorch#176347): there
+    the flag must not send compiled models to the torch path; from 2.14, where it means export, it does."""
+    import nnunetv2_allukan.kernels as kernels
+
+    x = torch.randn(2, 3, device=DEVICE)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # as dynamo answers before 2.14
+    monkeypatch.setattr(kernels, "IS_EXPORTING_RELIABLE", False)
+    assert kernels.resolve_backend("triton", x) == "triton"
+    monkeypatch.setattr(kernels, "IS_EXPORTING_RELIABLE", True)
+    assert kernels.resolve_backend("triton", x) == "torch"
+    assert kernels.IS_EXPORTING_RELIABLE is (torch.torch_version.TorchVersion(torch.__version__) >= (2, 14))
+
+
+def test_spline_backend_switches_every_activation_and_restores_it():
+    from nnunetv2_allukan.activation import spline_backend
+
+    net = torch.nn.Sequential(KAonv2d(3, 4, 3, backend="triton"), KALinear(4, 2, backend="auto"))
+    with spline_backend(net, "torch"):
+        assert [m.activation.backend for m in net] == ["torch", "torch"]
+        assert net[0].activation.function_inputs(torch.randn(1, 3, 4, 4, device=DEVICE))[2].backend == "torch"
+    assert [m.activation.backend for m in net] == ["triton", "auto"]
+    with pytest.raises(ValueError, match="backend"):
+        with spline_backend(net, "cuda"):
+            pass

@@ -54,8 +54,9 @@ def default_backend() -> str:
 def resolve_backend(backend: str, x) -> str:
     """"torch" or "triton" for input ``x``: "auto" takes the kernels for CUDA tensors when triton is installed.
 
-    Always "torch" while a model is exported (torch.export, torch.onnx): exported graphs, ONNX files among them,
-    hold the plain ops, which every runtime has, instead of this package's custom ops.
+    Always "torch" while a model is exported (torch.onnx; torch.export from torch 2.14, see ``_exporting``):
+    exported graphs, ONNX files among them, hold the plain ops, which every runtime has, instead of this package's
+    custom ops.
     """
     if backend == "torch" or _exporting():
         return "torch"
@@ -72,8 +73,25 @@ def resolve_backend(backend: str, x) -> str:
     return "triton"
 
 
+def _is_exporting_reliable() -> bool:
+    """Whether ``torch.compiler.is_exporting()`` tells export from compilation. From torch 2.7 to 2.13 dynamo answers
+    True under plain torch.compile too (pytorch/pytorch#176347, fixed in 2.14): trusting it there kept compiled
+    models off the kernels (seen on torch 2.11 with an H200)."""
+    import torch
+    from torch.torch_version import TorchVersion
+
+    return hasattr(torch.compiler, "is_exporting") and TorchVersion(torch.__version__) >= (2, 14)
+
+
+IS_EXPORTING_RELIABLE = _is_exporting_reliable()
+
+
 def _exporting() -> bool:
+    """torch.onnx's export, or (torch >= 2.14) any torch.export. Before 2.14 a torch.export of a CUDA model keeps
+    the custom ops; export tools that need plain ops ask for them (``activation.spline_backend``, as
+    export-onnx does)."""
     import torch
 
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6
-    return bool(is_exporting and is_exporting()) or torch.onnx.is_in_onnx_export()
+    if torch.onnx.is_in_onnx_export():
+        return True
+    return IS_EXPORTING_RELIABLE and bool(torch.compiler.is_exporting())

@@ -4,7 +4,7 @@ PyTorch (ONNX Runtime, TensorRT, clinical viewers).
 The network is rebuilt from the fold's checkpoint with its trainer's own builder (``checkpoints.load_network``,
 deep supervision off, eval mode) and exported by torch.onnx's exporter (torch.export based) for one patch of the
 plans' patch size, batch 1, as nnU-Net's sliding-window inference feeds it. While a model is exported the KA
-layers evaluate the spline with plain torch ops (``kernels.resolve_backend``), so the file holds standard ONNX
+layers evaluate the spline with plain torch ops (``activation.spline_backend``), so the file holds standard ONNX
 operators only, never this package's Triton custom ops. Needs ``pip install onnx onnxscript`` (the exporter);
 with ``onnxruntime`` installed the file is also run once and compared with PyTorch.
 """
@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 
+from ..activation import spline_backend
 from .nnunet_commands import UserError
 
 
@@ -26,7 +27,8 @@ def export_network(network: torch.nn.Module, example: torch.Tensor, path: str) -
     if missing:
         raise UserError(f"export-onnx needs {' and '.join(missing)}: pip install onnx onnxscript "
                         "(and onnxruntime to check the file)")
-    with torch.no_grad():
+    # Plain ops in the file whatever the device: torch.onnx's export flag alone is not trusted to reach the layers.
+    with torch.no_grad(), spline_backend(network, "torch"):
         program = torch.onnx.export(network, (example,), dynamo=True, verbose=False)
     program.save(path)
     return path
