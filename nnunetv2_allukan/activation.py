@@ -149,7 +149,12 @@ class SplineEvaluation:
 
 
 def _holds_no_memory(t: torch.Tensor) -> bool:
-    """Fake (FakeTensorMode) or meta tensors: the pieces bound memory, which these do not have."""
+    """Fake (FakeTensorMode) or meta tensors: the pieces bound memory, which these do not have.
+
+    Under torch.compile the tracer cannot call ``is_fake`` (dynamo refuses it, a graph break that ``fullgraph``
+    turns into an error); compiled code takes one piece anyway (see ``_piece_slices``), so answer without it."""
+    if torch.compiler.is_compiling():
+        return True
     from torch._subclasses.fake_tensor import is_fake
 
     return t.device.type == "meta" or is_fake(t)
