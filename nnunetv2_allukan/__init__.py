@@ -6,7 +6,7 @@ nnU-Net trainers in ``nnunetv2_allukan.trainers``.
 from .activation import SharedSplineActivation
 from .layers import KALinear, KAModule, KAonv1d, KAonv2d, KAonv3d, KAonvTranspose2d, KAonvTranspose3d
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["SharedSplineActivation", "KALinear", "KAModule", "KAonv1d", "KAonv2d", "KAonv3d",
            "KAonvTranspose2d", "KAonvTranspose3d", "__version__"]

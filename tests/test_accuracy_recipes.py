@@ -12,7 +12,8 @@ from nnunetv2_allukan import KALinear, KAModule, KAonv2d, SharedSplineActivation
 from nnunetv2_allukan.architectures import AllUKAN
 from nnunetv2_allukan.spline import bspline_basis
 from nnunetv2_allukan.trainers.clipping import clip_without, recording_clip_norm
-from nnunetv2_allukan.trainers.recipes import CombinedOptimizer, EpochPolyLRScheduler, SplineParameterGroup
+from nnunetv2_allukan.trainers.recipes import (CombinedOptimizer, EpochPolyLRScheduler, SplineParameterGroup,
+                                              split_spline_parameters)
 from nnunetv2_allukan.trainers.statistics import (initial_splines, ka_layer_snapshot, parameter_kinds, spline_change,
                                                  spline_max_slope)
 
@@ -127,6 +128,83 @@ def test_network_without_splines_gets_nnunets_single_sgd_group(optimizer):
     assert opt.param_groups[0]["weight_decay"] == 3e-5 and opt.param_groups[0]["momentum"] == 0.99
     scheduler.step(5)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * (1 - 5 / 10) ** 0.9)
+
+
+def test_default_trainer_trains_splines_by_adam_and_comparators_keep_nnunets_recipe():
+    from nnunetv2_allukan.trainers import (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_splineSGD,
+                                           nnUNetTrainerAllUKAN_smokeTest, nnUNetTrainerUKAN)
+
+    # the default's optimizer comes from the spline group mixin (not nnU-Net's), with the splines' own Adam
+    assert nnUNetTrainerAllUKAN.configure_optimizers is SplineParameterGroup.configure_optimizers
+    assert (nnUNetTrainerAllUKAN.spline_optimizer, nnUNetTrainerAllUKAN.spline_lr) == ("adam", 1e-3)
+    assert nnUNetTrainerAllUKAN_smokeTest.spline_optimizer == "adam"
+    assert nnUNetTrainerAllUKAN_splineSGD.spline_optimizer == "shared"
+    assert nnUNetTrainerUKAN.spline_optimizer == "shared"  # comparator numbers were measured with nnU-Net's SGD
+    opt, _ = _configure(_tiny_allukan(), nnUNetTrainerAllUKAN.spline_optimizer, lr=nnUNetTrainerAllUKAN.spline_lr)
+    assert [type(o).__name__ for o in opt.optimizers] == ["SGD", "Adam"]
+
+
+def test_shared_recipe_is_nnunets_optimizer_and_schedule_exactly():
+    """'shared' (the pre-0.2.0 recipe) against nnU-Net's own configure_optimizers: same groups, same parameter
+    order (so its checkpoints continue), same lr at every epoch."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    torch.manual_seed(0)
+    net = _tiny_allukan()
+    ours, our_schedule = _configure(net, "shared", epochs=10)
+    stand_in = types.SimpleNamespace(network=net, initial_lr=1e-2, weight_decay=3e-5, num_epochs=10)
+    theirs, their_schedule = nnUNetTrainer.configure_optimizers(stand_in)
+    assert type(ours) is type(theirs) is torch.optim.SGD
+    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+    assert [id(p) for p in ours.param_groups[0]["params"]] == [id(p) for p in theirs.param_groups[0]["params"]]
+    for epoch in (0, 3, 9):
+        our_schedule.step(epoch)
+        their_schedule.step(epoch)
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12)
+    # a state written by nnU-Net's optimizer after a step loads into ours, momentum buffers on the same parameters
+    net(torch.randn(2, 1, 16, 16)).square().mean().backward()
+    theirs.step()
+    ours.load_state_dict(theirs.state_dict())
+    assert len(theirs.state) > 10 and set(ours.state) == set(theirs.state)
+    for p, state in theirs.state.items():
+        assert torch.equal(ours.state[p]["momentum_buffer"], state["momentum_buffer"])
+    with pytest.raises(ValueError, match="group of their own"):
+        _configure(net, "shared", warmup=0.1)
+
+
+def _trainer_stand_in(name, optimizer, output_folder):
+    """CheckpointMismatchMessage over a base that loads the optimizer state as nnU-Net's load_checkpoint does."""
+    from nnunetv2_allukan.trainers.guards import CheckpointMismatchMessage
+
+    class _LoadsOptimizerState:
+        def load_checkpoint(self, checkpoint):
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+
+    trainer = type(name, (CheckpointMismatchMessage, _LoadsOptimizerState), {})()
+    trainer.optimizer, trainer.output_folder = optimizer, output_folder
+    return trainer
+
+
+def test_continuing_a_checkpoint_of_the_old_recipe_says_how():
+    net = _tiny_allukan()
+    old, _ = _configure(net, "shared")
+    checkpoint = {"optimizer_state": old.state_dict(), "trainer_name": "nnUNetTrainerAllUKAN"}
+    folder = "/r/Dataset001_X/nnUNetTrainerAllUKAN__nnUNetPlans__2d/fold_0"
+    trainer = _trainer_stand_in("nnUNetTrainerAllUKAN", _configure(net, "adam")[0], folder)
+    with pytest.raises(RuntimeError) as info:
+        trainer.load_checkpoint(checkpoint)
+    message = str(info.value)
+    n_all, n_spline = len(list(net.parameters())), len(split_spline_parameters(net)[0])
+    assert f"1 group(s) of {n_all} parameters" in message
+    assert f"1 group(s) of {n_all - n_spline} parameters + 1 group(s) of {n_spline} parameters" in message
+    assert "-tr nnUNetTrainerAllUKAN_splineSGD --c" in message
+    assert "/r/Dataset001_X/nnUNetTrainerAllUKAN_splineSGD__nnUNetPlans__2d" in message
+    # the other way round (a new checkpoint continued with the old recipe): torch's KeyError becomes the message
+    trainer = _trainer_stand_in("nnUNetTrainerAllUKAN_splineSGD", old, folder)
+    with pytest.raises(RuntimeError, match="one optimizer per part"):
+        trainer.load_checkpoint({"optimizer_state": _configure(net, "adam")[0].state_dict()})
+    # a matching state loads without complaint
+    _trainer_stand_in("nnUNetTrainerAllUKAN_splineSGD", old, folder).load_checkpoint(checkpoint)
 
 
 def test_warmup_freezes_the_splines_then_releases_them():

@@ -12,7 +12,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2_allukan.architectures import AllUKAN
 from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN
 from nnunetv2_allukan.architectures.from_plans import allukan_arch_kwargs
-from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import EpochCosineLRScheduler, split_spline_parameters
+from nnunetv2_allukan.trainers.recipes import EpochCosineLRScheduler, split_spline_parameters
 
 from conftest import count_ka_layers_fully_ka
 

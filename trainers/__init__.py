@@ -11,6 +11,7 @@ from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epoc
                        nnUNetTrainerAllUKAN_smokeTest, nnUNetTrainerAllUKAN_fixedSiLU,
                        nnUNetTrainerAllUKAN_fixedLeakyReLU, nnUNetTrainerAllUKAN_leakyInit,
                        nnUNetTrainerAllUKAN_splineAdam, nnUNetTrainerAllUKAN_splineAdamNoClip,
+                       nnUNetTrainerAllUKAN_splineSGD,
                        nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup,
                        nnUNetTrainerAllUKAN_shareGroup, nnUNetTrainerAllUKAN_noTokens,
                        nnUNetTrainerAllUKAN_noTokensSplineAdam)
@@ -23,7 +24,7 @@ TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnU
                  "nnUNetTrainerStackedKAN_smokeTest",
                  # accuracy controls and recipes (docs/accuracy.md)
                  "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerAllUKAN_fixedLeakyReLU",
-                 "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineAdam",
+                 "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineSGD", "nnUNetTrainerAllUKAN_splineAdam",
                  "nnUNetTrainerAllUKAN_splineAdamNoClip", "nnUNetTrainerAllUKAN_splineSGD10x",
                  "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_shareGroup",
                  "nnUNetTrainerAllUKAN_noTokens", "nnUNetTrainerAllUKAN_noTokensSplineAdam"]

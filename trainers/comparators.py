@@ -19,10 +19,13 @@ COMPARATOR_KWARGS = {key: nnUNetTrainerAllUKAN.ka_kwargs[key]
 
 
 class _ComparatorTrainer(nnUNetTrainerAllUKAN):
-    """nnUNetTrainerAllUKAN's training recipe with another network class from the same plans."""
+    """nnUNetTrainerAllUKAN's guards and statistics with another network class from the same plans, trained by
+    nnU-Net's own single SGD group: the comparators are the published architectures under nnU-Net's recipe (and
+    every comparator number in docs/accuracy.md was measured so); the splines' own Adam is ALL U-KAN's recipe."""
 
     network_class_name: str
     ka_kwargs = COMPARATOR_KWARGS
+    spline_optimizer = "shared"
 
 
 class nnUNetTrainerUKAN(_ComparatorTrainer):

@@ -104,17 +104,22 @@ class CompileOnlyWhenAsked:
 
 
 class CheckpointMismatchMessage:
-    """Say *what* differs when a checkpoint does not fit the network built from the current plans."""
+    """Say *what* differs when a checkpoint does not fit the network built from the current plans, or its
+    optimizer state does not fit this trainer's optimizer (a checkpoint of another training recipe)."""
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         try:
             super().load_checkpoint(filename_or_checkpoint)
-        except RuntimeError as e:
-            if "state_dict" not in str(e):
-                raise
+        except (RuntimeError, ValueError, KeyError) as e:
             checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
                 torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-            raise RuntimeError(describe_state_dict_mismatch(checkpoint, self.network, self.label_manager)) from e
+            if isinstance(e, RuntimeError) and "state_dict" in str(e):
+                raise RuntimeError(describe_state_dict_mismatch(checkpoint, self.network, self.label_manager)) from e
+            saved, ours = optimizer_layout(checkpoint.get("optimizer_state")), optimizer_layout(self.optimizer.state_dict())
+            if saved == ours:
+                raise
+            raise RuntimeError(describe_optimizer_mismatch(checkpoint, saved, ours, type(self).__name__,
+                                                           self.output_folder)) from e
 
 
 def describe_state_dict_mismatch(checkpoint: dict, network: torch.nn.Module, label_manager) -> str:
@@ -142,3 +147,40 @@ def describe_state_dict_mismatch(checkpoint: dict, network: torch.nn.Module, lab
     return ("The checkpoint does not fit the network built from the current plans: " + "; ".join(reasons or
             ["state_dict mismatch"]) + f". Checkpoint trainer: {checkpoint.get('trainer_name')}, configuration: "
             f"{checkpoint_cfg}.")
+
+
+def optimizer_layout(state_dict) -> tuple:
+    """The parameter count of every group of an optimizer state dict (one tuple per part of a combined one)."""
+    if not isinstance(state_dict, dict):
+        return ()
+    if "combined" in state_dict:
+        return tuple(optimizer_layout(part) for part in state_dict["combined"])
+    return tuple(len(group["params"]) for group in state_dict.get("param_groups", []))
+
+
+def _describe_layout(layout: tuple) -> str:
+    if layout and isinstance(layout[0], tuple):
+        return " + ".join(_describe_layout(part) for part in layout) + " (one optimizer per part)"
+    return f"{len(layout)} group(s) of {', '.join(map(str, layout))} parameters"
+
+
+def describe_optimizer_mismatch(checkpoint: dict, saved: tuple, ours: tuple, trainer_name: str,
+                                output_folder: str) -> str:
+    written_by = checkpoint.get("trainer_name", "an unknown trainer")
+    message = (f"This checkpoint's optimizer state does not fit {trainer_name}'s optimizer: it was written by "
+               f"{written_by} with {_describe_layout(saved)}, this trainer has {_describe_layout(ours)}. "
+               f"A run continues (--c) only with the training recipe that started it; the checkpoint is untouched.")
+    if saved and not isinstance(saved[0], tuple) and trainer_name == "nnUNetTrainerAllUKAN":
+        # One SGD group over every parameter: nnUNetTrainerAllUKAN's recipe before 0.2.0.
+        old_folder = output_folder.replace(f"{trainer_name}__", "nnUNetTrainerAllUKAN_splineSGD__", 1)
+        message += (" nnUNetTrainerAllUKAN trains the spline parameters with their own Adam since version 0.2.0; "
+                    "checkpoints of the earlier recipe (one SGD group) continue with "
+                    "-tr nnUNetTrainerAllUKAN_splineSGD: copy the training output folder "
+                    f"{os.path.dirname(output_folder)} to {os.path.dirname(old_folder)} and run nnUNetv2_train "
+                    "with -tr nnUNetTrainerAllUKAN_splineSGD --c. Or start again without --c to train with the "
+                    "new recipe.")
+    elif trainer_name.startswith("nnUNetTrainerAllUKAN"):
+        message += (" nnUNetTrainerAllUKAN and its variants train the spline parameters with their own Adam since "
+                    "version 0.2.0: continue a run of an earlier version with that version, or start again without "
+                    "--c.")
+    return message

@@ -13,11 +13,51 @@ checkpoint them), so ``--c`` resumes with the right rates.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import _LRScheduler
 
 from .clipping import clip_without
-from .nnUNetTrainerAllUKAN import EpochCosineLRScheduler, split_spline_parameters
+
+
+class EpochCosineLRScheduler(_LRScheduler):
+    """Cosine annealing computed from the epoch number, keeping each parameter group's own base lr.
+
+    nnU-Net steps the scheduler with an explicit epoch and does not checkpoint it, so the lr must be a
+    function of the epoch alone (also after ``--c``).
+    """
+
+    def __init__(self, optimizer, max_epochs: int, min_lr_fraction: float = 0.01):
+        self.max_epochs = max_epochs
+        self.min_lr_fraction = min_lr_fraction
+        self.base_lrs_by_group = [g["lr"] for g in optimizer.param_groups]
+        super().__init__(optimizer, -1)
+
+    def lr_factor(self, epoch: int) -> float:
+        progress = min(max(epoch, 0), self.max_epochs) / self.max_epochs
+        return self.min_lr_fraction + (1 - self.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = getattr(self, "_ctr", 0)
+            self._ctr = current_step + 1
+        factor = self.lr_factor(current_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs_by_group):
+            group["lr"] = base * factor
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_last_lr(self):
+        return self._last_lr
+
+
+def split_spline_parameters(network: torch.nn.Module):
+    """(spline activation parameters, all other parameters)."""
+    spline, other = [], []
+    for name, p in network.named_parameters():
+        (spline if ".activation." in f".{name}" else other).append(p)
+    return spline, other
 
 
 class CombinedOptimizer(Optimizer):
@@ -102,12 +142,14 @@ class EpochPolyLRScheduler(EpochCosineLRScheduler):
 class SplineParameterGroup:
     """Mixin: spline coefficients and base weights in their own optimizer group.
 
-    Class attributes (override in a variant): ``spline_optimizer`` ("sgd": a second group of nnU-Net's SGD;
-    "adam": a separate Adam, as DeepSplines trains its spline coefficients), ``spline_lr``,
+    Class attributes (override in a variant): ``spline_optimizer`` ("adam", the default: a separate Adam, as
+    DeepSplines trains its spline coefficients; "sgd": a second group of nnU-Net's SGD; "shared": no group of
+    their own, nnU-Net's recipe exactly: one SGD group over every parameter, weight decay included, the
+    recipe of nnUNetTrainerAllUKAN before 0.2.0), ``spline_lr``,
     ``spline_clip`` (False: the spline parameters are left out of nnU-Net's global gradient-norm clip, so that
     their voxel-summed gradients do not shrink every other update), ``spline_warmup_fraction`` (warm-up: their lr
-    is 0 for that fraction of the epochs, then follows the schedule; a fraction, so that budget variants scale). No weight decay on them: decay would pull phi towards the
-    base function alone.
+    is 0 for that fraction of the epochs, then follows the schedule; a fraction, so that budget variants scale).
+    In a group of their own they get no weight decay: decay would pull phi towards the base function alone.
     """
 
     spline_optimizer: str = "adam"
@@ -118,12 +160,18 @@ class SplineParameterGroup:
     def configure_optimizers(self):
         spline, other = split_spline_parameters(self.network)
         sgd = dict(momentum=0.99, nesterov=True)
-        if self.spline_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"spline_optimizer={self.spline_optimizer!r}; allowed: 'sgd', 'adam'")
-        if not spline:
-            # No learnable activation (fixed phi, or a network without KA layers): nnU-Net's single SGD group;
-            # an empty Adam would be an error, and an empty group would shift the group indices.
-            optimizer = torch.optim.SGD(other, lr=self.initial_lr, weight_decay=self.weight_decay, **sgd)
+        if self.spline_optimizer not in ("sgd", "adam", "shared"):
+            raise ValueError(f"spline_optimizer={self.spline_optimizer!r}; allowed: 'adam', 'sgd', 'shared'")
+        if self.spline_optimizer == "shared" and self.spline_warmup_fraction:
+            raise ValueError("spline_warmup_fraction needs the spline parameters in a group of their own "
+                             "(spline_optimizer 'adam' or 'sgd'), not 'shared'")
+        if not spline or self.spline_optimizer == "shared":
+            # nnU-Net's own optimizer and poly schedule (PolyLRScheduler's lr, computed per epoch). Also for
+            # networks without learnable activation (fixed phi): an empty Adam would be an error, and an empty
+            # group would shift the group indices. The network's own parameter order, as nnU-Net's: optimizer
+            # state is matched by position, so checkpoints written by nnU-Net's configure_optimizers continue.
+            optimizer = torch.optim.SGD(list(self.network.parameters()), lr=self.initial_lr,
+                                        weight_decay=self.weight_decay, **sgd)
             return optimizer, EpochPolyLRScheduler(optimizer, self.num_epochs)
         if self.spline_optimizer == "sgd":
             optimizer = torch.optim.SGD([
@@ -144,4 +192,5 @@ class SplineParameterGroup:
             return super().train_step(batch)
 
 
-__all__ = ["CombinedOptimizer", "EpochPolyLRScheduler", "SplineParameterGroup", "clip_without"]
+__all__ = ["CombinedOptimizer", "EpochCosineLRScheduler", "EpochPolyLRScheduler", "SplineParameterGroup",
+           "clip_without", "split_spline_parameters"]

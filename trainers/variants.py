@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
-from .recipes import SplineParameterGroup
 
 
 class nnUNetTrainerAllUKAN_exactGrad(nnUNetTrainerAllUKAN):
@@ -79,8 +78,15 @@ class nnUNetTrainerAllUKAN_leakyInit(nnUNetTrainerAllUKAN):
     ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "spline_init": "leakyrelu"}
 
 
-class nnUNetTrainerAllUKAN_splineAdam(SplineParameterGroup, nnUNetTrainerAllUKAN):
-    """Spline parameters trained by their own Adam (lr 1e-3, no weight decay), the rest by nnU-Net's SGD."""
+class nnUNetTrainerAllUKAN_splineSGD(nnUNetTrainerAllUKAN):
+    """The recipe of nnUNetTrainerAllUKAN before 0.2.0: the spline parameters in nnU-Net's single SGD group (same
+    lr, momentum and weight decay as the convolutions). Continues checkpoints written by that version."""
+    spline_optimizer = "shared"
+
+
+class nnUNetTrainerAllUKAN_splineAdam(nnUNetTrainerAllUKAN):
+    """Spline parameters trained by their own Adam (lr 1e-3, no weight decay), the rest by nnU-Net's SGD: the
+    default since 0.2.0, kept under this name so that the runs and commands recorded with it still run."""
     spline_optimizer, spline_lr = "adam", 1e-3
 
 
@@ -94,11 +100,11 @@ class nnUNetTrainerAllUKAN_noTokensSplineAdam(nnUNetTrainerAllUKAN_splineAdam):
     ka_kwargs = nnUNetTrainerAllUKAN_noTokens.ka_kwargs
 
 
-class nnUNetTrainerAllUKAN_splineSGD10x(SplineParameterGroup, nnUNetTrainerAllUKAN):
+class nnUNetTrainerAllUKAN_splineSGD10x(nnUNetTrainerAllUKAN):
     """Spline parameters in their own SGD group at 10x nnU-Net's lr, no weight decay."""
     spline_optimizer, spline_lr = "sgd", 1e-1
 
 
-class nnUNetTrainerAllUKAN_splineWarmup(SplineParameterGroup, nnUNetTrainerAllUKAN):
+class nnUNetTrainerAllUKAN_splineWarmup(nnUNetTrainerAllUKAN):
     """Spline parameters frozen for the first 10 % of the epochs, then nnU-Net's SGD and schedule (own group)."""
     spline_optimizer, spline_lr, spline_warmup_fraction = "sgd", 1e-2, 0.1

@@ -78,6 +78,11 @@ def training_settings(epochs: int, iterations: int, val_iterations: int, device:
             "downsample": downsample}
 
 
+def spline_optimizer_of(trainer: type) -> str:
+    """How a trainer trains the spline parameters ('shared': nnU-Net's one SGD group, as for a CNN)."""
+    return getattr(trainer, "spline_optimizer", "shared")
+
+
 def train_in_process(trainer_name: str, dataset_name: str, fold: int, settings: dict, results_root: str) -> str:
     """nnU-Net's own training loop and final validation with a shortened budget; returns the fold folder.
 
@@ -87,20 +92,27 @@ def train_in_process(trainer_name: str, dataset_name: str, fold: int, settings: 
     from . import crossval
     from .nnunet_commands import UserError
 
+    from .checkpoints import trainer_class
+
     fold_folder = crossval.fold_folder(results_root, dataset_name, trainer_name, "nnUNetPlans", CONFIGURATION, fold)
+    settings = {**settings, "spline_optimizer": spline_optimizer_of(trainer_class(trainer_name))}
     if crossval.fold_state(fold_folder) == "done":
-        difference = settings_difference(recorded_settings(fold_folder), settings)
+        recorded = recorded_settings(fold_folder)
+        if recorded is not None:
+            # records before 0.2.0 have no spline_optimizer: every trainer then used nnU-Net's single SGD group
+            recorded = {"spline_optimizer": "shared", **recorded}
+        difference = settings_difference(recorded, settings)
         if difference:
+            recipe_note = (" (nnUNetTrainerAllUKAN trains the spline parameters with their own Adam since 0.2.0)"
+                           if "spline_optimizer" in difference else "")
             raise UserError(f"{trainer_name} fold {fold} in {fold_folder} was trained with other settings "
-                            f"({difference}). Rerun with the settings it was trained with, use another --workdir, "
-                            f"or delete that folder to retrain it.")
+                            f"({difference}){recipe_note}. Rerun with the settings it was trained with, use another "
+                            f"--workdir, or delete that folder to retrain it.")
         log(f"{trainer_name}: finished run with the same settings found in {fold_folder}, not retraining")
         return fold_folder
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
-
-    from .checkpoints import trainer_class
 
     pre = os.path.join(str(nnUNet_preprocessed), dataset_name)
     plans = load_json(os.path.join(pre, "nnUNetPlans.json"))
