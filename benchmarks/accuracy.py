@@ -221,7 +221,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
                        "epoch_seconds": epoch_seconds},
             "ka_statistics": ka_stats, "threads": threads, "torch": torch.__version__,
             "batch_size": trainer.configuration_manager.batch_size, "planned_batch_size": planned_batch,
-            "resumed_at_epoch": resumed_at,
+            "resumed_at_epoch": resumed_at, "spline_optimizer": getattr(trainer, "spline_optimizer", "shared"),
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -327,6 +327,8 @@ def report(args) -> int:
     for path in sorted(glob.glob(os.path.join(os.path.abspath(args.workdir), "runs", "*", "*", "*", "*.json"))):
         with open(path) as f:
             rows.append(json.load(f))
+    for r in rows:
+        r["trainer"] = run_label(r)
     os.makedirs(args.out, exist_ok=True)
     compact = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
     with open(os.path.join(args.out, "runs.json"), "w") as f:
@@ -360,6 +362,30 @@ def report(args) -> int:
 
 
 BASELINE = "nnUNetTrainer"  # nnU-Net's CNN: every paired difference is against it
+OLD_DEFAULT_RECIPE = " (0.1 recipe)"
+
+
+def recipe_changed_in_0_2(trainer_name: str) -> bool:
+    """True for ALL U-KAN trainers that took the default's recipe without choosing one: before 0.2.0 they trained
+    the spline parameters in nnU-Net's single SGD group, since then with their own Adam."""
+    from nnunetv2_allukan import trainers
+    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
+
+    cls = getattr(trainers, trainer_name, None)
+    if cls is None or not issubclass(cls, nnUNetTrainerAllUKAN) or cls.ka_kwargs.get("activation", "spline") != "spline":
+        return False  # not ALL U-KAN, or a fixed activation (no spline parameters: the recipe is nnU-Net's in both)
+    own = cls.__mro__[:cls.__mro__.index(nnUNetTrainerAllUKAN)]
+    return not any("spline_optimizer" in c.__dict__ or "configure_optimizers" in c.__dict__ for c in own)
+
+
+def run_label(r: dict) -> str:
+    """The trainer a run is reported under. Runs recorded before 0.2.0 (no ``spline_optimizer`` in the record) of
+    trainers whose recipe changed then are labelled by what they ran: the old default is today's
+    ``nnUNetTrainerAllUKAN_splineSGD``, other variants get OLD_DEFAULT_RECIPE appended."""
+    name = r["trainer"]
+    if "spline_optimizer" in r or not recipe_changed_in_0_2(name):
+        return name
+    return "nnUNetTrainerAllUKAN_splineSGD" if name == "nnUNetTrainerAllUKAN" else name + OLD_DEFAULT_RECIPE
 
 
 def _plans_label(r: dict) -> str:

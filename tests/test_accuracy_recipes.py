@@ -362,3 +362,38 @@ def test_statistics_file_and_log_line_per_epoch(nnunet, monkeypatch):
         assert set(ka_layers) - set(fidelity["per_layer"]) == {"decoder.seg_layers.0"}
         assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in fidelity["per_layer"].values())
     assert log.count("Grad-Free Spline fidelity on the last batch") == 2
+
+
+def test_combined_optimizer_under_nnunets_grad_scaler_steps_as_without_and_skips_on_inf():
+    """nnU-Net's CUDA train_step: scaler.scale(loss).backward(), unscale_, clip at 12, scaler.step, update. With the
+    default's SGD + Adam, the scaled path must give the unscaled path's parameters, and an inf gradient must make
+    both inner optimizers skip the step (GradScaler on the CPU follows the same code)."""
+    import copy
+
+    torch.manual_seed(0)
+    net = _tiny_allukan()
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 1, 16, 16)
+    scaled_opt, plain_opt = _configure(net, "adam")[0], _configure(twin, "adam")[0]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for _ in range(2):
+        scaled_opt.zero_grad()
+        scaler.scale(net(x).square().mean()).backward()
+        scaler.unscale_(scaled_opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        scaler.step(scaled_opt)
+        scaler.update()
+        plain_opt.zero_grad()
+        twin(x).square().mean().backward()
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 12)
+        plain_opt.step()
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    before = [p.detach().clone() for p in net.parameters()]
+    scaled_opt.zero_grad()
+    scaler.scale(net(x).square().mean() * float("inf")).backward()
+    scaler.unscale_(scaled_opt)
+    scaler.step(scaled_opt)
+    scaler.update()
+    assert all(torch.equal(b, p) for b, p in zip(before, net.parameters()))  # skipped, splines included
+    assert scaler.get_scale() == 2.0 ** 9

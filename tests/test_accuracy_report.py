@@ -23,6 +23,7 @@ def _run(trainer, fold, iterations, dice, seconds, task="icbm"):
     return {"task": task, "plans": "nnUNetPlans", "trainer": trainer, "fold": fold, "seed": 0,
             "iterations": iterations, "iterations_per_epoch": 25, "foreground_mean": dice, "dice": {"1": dice},
             "train_seconds": seconds, "parameters": 1000, "threads": 2,
+            "spline_optimizer": "shared" if trainer == "nnUNetTrainer" else "adam",  # a record of 0.2.0 or later
             "curves": {"ema_pseudo_dice": [0.1, dice], "epoch_seconds": [seconds / 2, seconds / 2]}}
 
 
@@ -196,3 +197,19 @@ def test_a_cut_run_resumes_from_its_latest_checkpoint(nnunet, monkeypatch):
     assert len(log["epoch_end_timestamps"]) == 3 and len(log["train_losses"]) == 3
     moved = [k for k, v in second.network.state_dict().items() if not torch.equal(v, cut_weights[k])]
     assert moved  # it trained on from the checkpoint
+
+
+def test_runs_of_the_old_default_recipe_are_reported_by_what_they_ran():
+    """Records from before 0.2.0 have no spline_optimizer: an ALL U-KAN trainer that took the default's recipe then
+    trained its splines in nnU-Net's SGD group, so its rows must not pass for today's default (Adam splines)."""
+    accuracy = _accuracy_module()
+    old = {"trainer": "nnUNetTrainerAllUKAN"}
+    assert accuracy.run_label(old) == "nnUNetTrainerAllUKAN_splineSGD"
+    assert accuracy.run_label({**old, "spline_optimizer": "adam"}) == "nnUNetTrainerAllUKAN"
+    assert accuracy.run_label({"trainer": "nnUNetTrainerAllUKAN_noTokens"}) == \
+        "nnUNetTrainerAllUKAN_noTokens" + accuracy.OLD_DEFAULT_RECIPE
+    # trainers that chose their recipe, fixed activations (no splines) and the comparators keep their names
+    for name in ("nnUNetTrainerAllUKAN_splineAdam", "nnUNetTrainerAllUKAN_noTokensSplineAdam",
+                 "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_AdamCosine",
+                 "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerUKAN", "nnUNetTrainer"):
+        assert accuracy.run_label({"trainer": name}) == name
