@@ -1,6 +1,7 @@
-"""Measure nnUNetTrainerAllUKAN's optimiser recipe: nnU-Net's SGD + poly vs the U-KAN Adam + cosine recipe.
+"""Measure ALL U-KAN's optimiser recipes: the default (nnU-Net's SGD + poly, spline parameters by their own Adam),
+nnU-Net's SGD for every parameter (the default before 0.2.0, ``_splineSGD``) and the U-KAN Adam + cosine recipe.
 
-Both recipes train the same AllUKAN (same seed, plans, fold, budget) in-process through nnU-Net's own trainer
+All recipes train the same AllUKAN (same seed, plans, fold, budget) in-process through nnU-Net's own trainer
 loop; the score is nnU-Net's final validation Dice of the fold (validation/summary.json).
 
     python benchmarks/compare_optimizers.py --workdir /tmp/recipes --epochs 10 --iters 25
@@ -57,12 +58,13 @@ def main():
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunetv2_allukan.trainers import nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_AdamCosine
+    from nnunetv2_allukan.trainers import (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_AdamCosine,
+                                           nnUNetTrainerAllUKAN_splineSGD)
 
     name = maybe_convert_to_dataset_name(dataset)
     rows = []
     for seed in args.seeds:
-        for cls in (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_AdamCosine):
+        for cls in (nnUNetTrainerAllUKAN, nnUNetTrainerAllUKAN_splineSGD, nnUNetTrainerAllUKAN_AdamCosine):
             torch.manual_seed(seed)
             np.random.seed(seed)
             plans = load_json(os.path.join(str(nnUNet_preprocessed), name, "nnUNetPlans.json"))
