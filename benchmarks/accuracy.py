@@ -184,6 +184,8 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
+    from nnunetv2_allukan.trainers.recipes import spline_optimizer_of
+
     torch.set_num_threads(threads)
     trainer, planned_batch = seeded_trainer(task, trainer_name, fold, seed, str(nnUNet_preprocessed), plans_name,
                                             batch_size)
@@ -221,7 +223,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
                        "epoch_seconds": epoch_seconds},
             "ka_statistics": ka_stats, "threads": threads, "torch": torch.__version__,
             "batch_size": trainer.configuration_manager.batch_size, "planned_batch_size": planned_batch,
-            "resumed_at_epoch": resumed_at, "spline_optimizer": getattr(trainer, "spline_optimizer", "shared"),
+            "resumed_at_epoch": resumed_at, "spline_optimizer": spline_optimizer_of(trainer),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -60,6 +60,12 @@ def split_spline_parameters(network: torch.nn.Module):
     return spline, other
 
 
+def spline_optimizer_of(trainer) -> str:
+    """How a trainer (class or instance) trains the spline parameters: its ``spline_optimizer``, or 'shared'
+    (nnU-Net's one SGD group) for trainers without one, such as nnU-Net's own."""
+    return getattr(trainer, "spline_optimizer", "shared")
+
+
 class CombinedOptimizer(Optimizer):
     """Several torch optimizers stepped as one (e.g. SGD for the convolutions, Adam for the splines).
 
@@ -193,4 +199,4 @@ class SplineParameterGroup:
 
 
 __all__ = ["CombinedOptimizer", "EpochCosineLRScheduler", "EpochPolyLRScheduler", "SplineParameterGroup",
-           "clip_without", "split_spline_parameters"]
+           "clip_without", "spline_optimizer_of", "split_spline_parameters"]

@@ -78,21 +78,17 @@ def training_settings(epochs: int, iterations: int, val_iterations: int, device:
             "downsample": downsample}
 
 
-def spline_optimizer_of(trainer: type) -> str:
-    """How a trainer trains the spline parameters ('shared': nnU-Net's one SGD group, as for a CNN)."""
-    return getattr(trainer, "spline_optimizer", "shared")
-
-
 def train_in_process(trainer_name: str, dataset_name: str, fold: int, settings: dict, results_root: str) -> str:
     """nnU-Net's own training loop and final validation with a shortened budget; returns the fold folder.
 
     A finished fold is reused only if it was trained with the same ``settings`` (``training_settings``); one
     trained otherwise is never relabelled, nor silently deleted: the demo stops and says what differs.
     """
-    from . import crossval
-    from .nnunet_commands import UserError
+    from nnunetv2_allukan.trainers.recipes import spline_optimizer_of
 
+    from . import crossval
     from .checkpoints import trainer_class
+    from .nnunet_commands import UserError
 
     fold_folder = crossval.fold_folder(results_root, dataset_name, trainer_name, "nnUNetPlans", CONFIGURATION, fold)
     settings = {**settings, "spline_optimizer": spline_optimizer_of(trainer_class(trainer_name))}
