@@ -12,11 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _accuracy_module():
+    return _load("accuracy")
+
+
+def _report_module():
+    return _load("accuracy_report")
 
 
 def _run(trainer, fold, iterations, dice, seconds, task="icbm"):
@@ -37,7 +45,7 @@ def _row(table: str, *cells: str) -> list[str]:
 
 
 def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
-    accuracy = _accuracy_module()
+    accuracy, reporting = _accuracy_module(), _report_module()
     rng = random.Random(3)
     cnn = {f: rng.uniform(0.6, 0.8) for f in range(3)}
     ka = {f: rng.uniform(0.6, 0.8) for f in range(3)}
@@ -48,7 +56,7 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     resenc = _run("nnUNetTrainer", 0, 2000, 0.5, 100.0)
     resenc.update(plans="nnUNetResEncUNetMPlans", batch_size=6, planned_batch_size=123)
     rows.append(resenc)
-    text = accuracy.summary_tables(rows)
+    text = reporting.summary_tables(rows)
     # A run whose batch replaced the planned one is its own setting, never averaged with the planned batch.
     assert _row(text, "icbm", "nnUNetResEncUNetMPlans, batch 6", "2000", "nnUNetTrainer")[4] == "0"
 
@@ -76,7 +84,7 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     out = tmp_path / "report"
     assert accuracy.main(["report", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     assert (out / "summary.md").read_text() == text
-    assert (out / "dice_boxplots.png").stat().st_size > 0 and (out / "learning_curves.png").stat().st_size > 0
+    assert (out / "dice_boxplots.png").stat().st_size > 0 and (out / "learning_curves_icbm.png").stat().st_size > 0
 
 
 def _summary(per_case: list[dict]) -> dict:
@@ -202,14 +210,48 @@ def test_a_cut_run_resumes_from_its_latest_checkpoint(nnunet, monkeypatch):
 def test_runs_of_the_old_default_recipe_are_reported_by_what_they_ran():
     """Records from before 0.2.0 have no spline_optimizer: an ALL U-KAN trainer that took the default's recipe then
     trained its splines in nnU-Net's SGD group, so its rows must not pass for today's default (Adam splines)."""
-    accuracy = _accuracy_module()
+    reporting = _report_module()
     old = {"trainer": "nnUNetTrainerAllUKAN"}
-    assert accuracy.run_label(old) == "nnUNetTrainerAllUKAN_splineSGD"
-    assert accuracy.run_label({**old, "spline_optimizer": "adam"}) == "nnUNetTrainerAllUKAN"
-    assert accuracy.run_label({"trainer": "nnUNetTrainerAllUKAN_noTokens"}) == \
-        "nnUNetTrainerAllUKAN_noTokens" + accuracy.OLD_DEFAULT_RECIPE
+    assert reporting.run_label(old) == "nnUNetTrainerAllUKAN_splineSGD"
+    assert reporting.run_label({**old, "spline_optimizer": "adam"}) == "nnUNetTrainerAllUKAN"
+    assert reporting.run_label({"trainer": "nnUNetTrainerAllUKAN_noTokens"}) == \
+        "nnUNetTrainerAllUKAN_noTokens" + reporting.OLD_DEFAULT_RECIPE
     # trainers that chose their recipe, fixed activations (no splines) and the comparators keep their names
     for name in ("nnUNetTrainerAllUKAN_splineAdam", "nnUNetTrainerAllUKAN_noTokensSplineAdam",
                  "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_AdamCosine",
                  "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerUKAN", "nnUNetTrainer"):
-        assert accuracy.run_label({"trainer": name}) == name
+        assert reporting.run_label({"trainer": name}) == name
+
+
+def test_report_keeps_the_stored_runs_and_lets_the_work_folder_replace_the_same_run(tmp_path):
+    """A report made in a fresh work folder (another machine, the old one gone) must add to the committed
+    runs.json, not replace it; a run present in both is the work folder's (its record is the newer)."""
+    accuracy = _accuracy_module()
+    out = tmp_path / "report"
+    out.mkdir()
+    stored_cnn = _run("nnUNetTrainer", 0, 2000, 0.70, 500.0)
+    old_default = _run("nnUNetTrainerAllUKAN", 0, 2000, 0.60, 1000.0)
+    del old_default["spline_optimizer"], old_default["curves"]  # stored by a 0.1 report: relabelled, no curves
+    old_default["trainer"] = "nnUNetTrainerAllUKAN_splineSGD"
+    (out / "runs.json").write_text(json.dumps([stored_cnn, old_default]))
+
+    workdir = tmp_path / "fresh"
+    rerun_cnn = _run("nnUNetTrainer", 0, 2000, 0.72, 480.0)
+    new_default = _run("nnUNetTrainerAllUKAN", 0, 2000, 0.75, 1100.0)
+    for r in (rerun_cnn, new_default):
+        path = workdir / "runs" / "icbm" / "e80x25" / r["trainer"] / "fold_0_seed0.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(r))
+    assert accuracy.main(["report", "--workdir", str(workdir), "--out", str(out)]) == 0
+    runs = {r["trainer"]: r for r in json.loads((out / "runs.json").read_text())}
+    assert sorted(runs) == ["nnUNetTrainer", "nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_splineSGD"]
+    assert runs["nnUNetTrainer"]["foreground_mean"] == 0.72  # the work folder's record of the same run
+    assert runs["nnUNetTrainerAllUKAN_splineSGD"]["foreground_mean"] == 0.60  # kept, not re-labelled twice
+    assert runs["nnUNetTrainerAllUKAN"]["curves"]["ema_pseudo_dice"] == [0.1, 0.75]  # curves are stored
+    summary = (out / "summary.md").read_text()
+    assert _row(summary, "icbm", "nnUNetPlans", "2000", "nnUNetTrainerAllUKAN_splineSGD")[6] == "-0.1200 (n=1)"
+
+    # Again from an empty work folder: nothing is lost, nothing changes.
+    before = (out / "runs.json").read_text()
+    assert accuracy.main(["report", "--workdir", str(tmp_path / "empty"), "--out", str(out)]) == 0
+    assert (out / "runs.json").read_text() == before and (out / "summary.md").read_text() == summary

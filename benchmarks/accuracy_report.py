@@ -1,0 +1,232 @@
+"""Reporting of the accuracy experiments (``python benchmarks/accuracy.py report``): tables, plots and the stored
+record of every run, in ``docs/accuracy_results``. Kept apart from the running (accuracy.py) so that each stays
+readable; it needs no nnU-Net run, only the run records."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import statistics
+
+from nnunetv2_allukan.tools.crossval import label_order
+
+
+def run_key(r: dict) -> tuple:
+    """What identifies a run across machines: the same key in the stored records and a work folder is one run."""
+    return (r["task"], r.get("plans", "nnUNetPlans"), r.get("batch_size"), r["iterations"], r["iterations_per_epoch"],
+            r["fold"], r["seed"], run_label(r))
+
+
+def collect_records(workdir: str, stored: str | None) -> list[dict]:
+    """Every run record: those stored with the report (``runs.json`` from an earlier report, e.g. the committed
+    one, possibly made on another machine whose work folder is gone), then the work folder's, which replace a
+    stored record of the same run. Each record's ``trainer`` is its ``run_label``."""
+    merged: dict = {}
+    if stored and os.path.isfile(stored):
+        with open(stored) as f:
+            for r in json.load(f):
+                merged[run_key(r)] = r
+    for path in sorted(glob.glob(os.path.join(os.path.abspath(workdir), "runs", "*", "*", "*", "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        merged[run_key(r)] = r
+    rows = list(merged.values())
+    for r in rows:
+        r["trainer"] = run_label(r)
+    return rows
+
+
+def _rounded_curves(curves: dict) -> dict:
+    return {k: [round(v, 5) for v in values] for k, values in curves.items()}
+
+
+def report(args) -> int:
+    """Tables (Markdown), every run's record (JSON, learning curves rounded) and plots. Runs already in
+    ``<out>/runs.json`` are kept, so a report made in a fresh work folder adds to the stored results."""
+    rows = collect_records(args.workdir, os.path.join(args.out, "runs.json"))
+    os.makedirs(args.out, exist_ok=True)
+    stored = [{**r, "curves": _rounded_curves(r["curves"])} if r.get("curves") else r for r in rows]
+    with open(os.path.join(args.out, "runs.json"), "w") as f:
+        json.dump(sorted(stored, key=lambda r: tuple(map(str, run_key(r)))), f, indent=1)
+    lines = ["| task | plans | budget (iterations) | fold | seed | trainer | params | foreground Dice | "
+             "per class (label 1, 2, ...) | "
+             "train s | coef norm first→last | base weight last | clip engaged (last epoch) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["task"], _plans_label(r), r["iterations"], r["fold"],
+                                         r["seed"], -r["foreground_mean"])):
+        ka = r.get("ka_statistics") or {}
+        first, last = ka.get("first") or {}, ka.get("last") or {}
+        coef = (f"{first['median_coef_norm']:.3f}→{last['median_coef_norm']:.3f}"
+                if first.get("median_coef_norm") is not None else "–")
+        base = f"{last['median_base_weight']:.3f}" if last.get("median_base_weight") is not None else "–"
+        clip = f"{last['clipped_fraction']:.0%}" if "clipped_fraction" in last else "–"
+        per_class = " / ".join(f"{r['dice'][k]:.3f}" for k in sorted(r["dice"], key=label_order))
+        lines.append(f"| {r['task']} | {_plans_label(r)} | {r['iterations']} | {r['fold']} | {r['seed']} | "
+                     f"{r['trainer']} | {r['parameters'] / 1e6:.2f} M | **{r['foreground_mean']:.4f}** | "
+                     f"{per_class} | {r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
+    with open(os.path.join(args.out, "runs.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    summary = summary_tables(rows)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(summary)
+    print("\n".join(lines))
+    print(summary)
+    for task in sorted({r["task"] for r in rows if r.get("curves")}):  # one file per task: a readable size
+        _plot_curves([r for r in rows if r.get("curves") and r["task"] == task],
+                     os.path.join(args.out, f"learning_curves_{task}.png"))
+    _plot_boxes(rows, os.path.join(args.out, "dice_boxplots.png"))
+    return 0
+
+
+BASELINE = "nnUNetTrainer"  # nnU-Net's CNN: every paired difference is against it
+OLD_DEFAULT_RECIPE = " (0.1 recipe)"
+
+
+def recipe_changed_in_0_2(trainer_name: str) -> bool:
+    """True for ALL U-KAN trainers that took the default's recipe without choosing one: before 0.2.0 they trained
+    the spline parameters in nnU-Net's single SGD group, since then with their own Adam."""
+    from nnunetv2_allukan import trainers
+    from nnunetv2_allukan.trainers.nnUNetTrainerAllUKAN import nnUNetTrainerAllUKAN
+
+    cls = getattr(trainers, trainer_name, None)
+    if cls is None or not issubclass(cls, nnUNetTrainerAllUKAN) or cls.ka_kwargs.get("activation", "spline") != "spline":
+        return False  # not ALL U-KAN, or a fixed activation (no spline parameters: the recipe is nnU-Net's in both)
+    own = cls.__mro__[:cls.__mro__.index(nnUNetTrainerAllUKAN)]
+    return not any("spline_optimizer" in c.__dict__ or "configure_optimizers" in c.__dict__ for c in own)
+
+
+def run_label(r: dict) -> str:
+    """The trainer a run is reported under. Runs recorded before 0.2.0 (no ``spline_optimizer`` in the record) of
+    trainers whose recipe changed then are labelled by what they ran: the old default is today's
+    ``nnUNetTrainerAllUKAN_splineSGD``, other variants get OLD_DEFAULT_RECIPE appended."""
+    name = r["trainer"]
+    if "spline_optimizer" in r or not recipe_changed_in_0_2(name):
+        return name
+    return "nnUNetTrainerAllUKAN_splineSGD" if name == "nnUNetTrainerAllUKAN" else name + OLD_DEFAULT_RECIPE
+
+
+def _plans_label(r: dict) -> str:
+    """The plans, and the batch size when a run replaced the planned one (e.g. 'nnUNetResEncUNetMPlans, batch 6')."""
+    plans = r.get("plans", "nnUNetPlans")
+    replaced = r.get("batch_size") is not None and r.get("batch_size") != r.get("planned_batch_size", r["batch_size"])
+    return f"{plans}, batch {r['batch_size']}" if replaced else plans
+
+
+def _setting(r: dict) -> tuple:
+    return r["task"], _plans_label(r)
+
+
+def summary_tables(rows: list[dict]) -> str:
+    """Markdown: (1) mean over folds per trainer at each budget, with the paired difference to nnU-Net's CNN on the
+    folds both have; (2) gap versus budget per fold; (3) equal wall time: each run against the CNN run of the same
+    task, fold and seed, at any budget, whose training took closest to as long (and not longer)."""
+    out = ["## Mean over folds (equal iterations)", "",
+           f"Δ: paired difference to `{BASELINE}` on the folds both trainers finished (same seed); wins: folds "
+           "where the trainer's foreground Dice is higher.", "",
+           "| task | plans | iterations | trainer | folds | foreground Dice mean ± sd | Δ vs CNN (mean) | wins | "
+           "train s (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((*_setting(r), r["iterations"], r["trainer"]), []).append(r)
+    for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2], k[3] != BASELINE, k[3])):
+        runs = sorted(by_key[key], key=lambda r: (r["fold"], r["seed"]))
+        dice = [r["foreground_mean"] for r in runs]
+        sd = f" ± {statistics.stdev(dice):.4f}" if len(dice) > 1 else ""
+        base = {(r["fold"], r["seed"]): r["foreground_mean"] for r in by_key.get((*key[:3], BASELINE), [])}
+        paired = [r["foreground_mean"] - base[(r["fold"], r["seed"])] for r in runs if (r["fold"], r["seed"]) in base]
+        delta = "–" if key[3] == BASELINE or not paired else f"{statistics.mean(paired):+.4f} (n={len(paired)})"
+        wins = "–" if key[3] == BASELINE or not paired else f"{sum(d > 0 for d in paired)}/{len(paired)}"
+        folds = ",".join(str(r["fold"]) for r in runs)
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {folds} | **{statistics.mean(dice):.4f}**{sd} | "
+                   f"{delta} | {wins} | {statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+
+    budgets = sorted({r["iterations"] for r in rows})
+    out += ["", "## Gap versus budget (foreground Dice per fold)", "",
+            "| task | plans | fold | seed | trainer | " + " | ".join(f"{b} it" for b in budgets) + " |",
+            "|---|---|---|---|---|" + "---|" * len(budgets)]
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((*_setting(r), r["fold"], r["seed"], r["trainer"]), {})[r["iterations"]] = r["foreground_mean"]
+    for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != BASELINE, k[4])):
+        values = " | ".join(f"{cells[key][b]:.4f}" if b in cells[key] else "" for b in budgets)
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {values} |")
+
+    out += ["", "## Equal wall time", "",
+            f"Each run against the `{BASELINE}` run of the same task, plans, fold and seed (any budget) whose training "
+            "took longest without exceeding this run's time. Wall times are comparable only between runs made under "
+            "the same conditions (the `threads` and machine load recorded in each run's JSON).", "",
+            "| task | plans | fold | trainer | iterations | train s | Dice | CNN iterations | CNN train s | CNN Dice | "
+            "Δ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (*_setting(r), r["fold"], r["seed"], r["trainer"], r["iterations"])):
+        if r["trainer"] == BASELINE:
+            continue
+        cnn = [c for c in rows if c["trainer"] == BASELINE and _setting(c) == _setting(r) and c["fold"] == r["fold"]
+               and c["seed"] == r["seed"] and c.get("threads") == r.get("threads")
+               and c["train_seconds"] <= r["train_seconds"]]
+        if not cnn:
+            continue
+        c = max(cnn, key=lambda c: c["train_seconds"])
+        out.append(f"| {r['task']} | {_setting(r)[1]} | {r['fold']} | {r['trainer']} | {r['iterations']} | "
+                   f"{r['train_seconds']:.0f} | {r['foreground_mean']:.4f} | {c['iterations']} | "
+                   f"{c['train_seconds']:.0f} | {c['foreground_mean']:.4f} | "
+                   f"{r['foreground_mean'] - c['foreground_mean']:+.4f} |")
+    return "\n".join(out) + "\n"
+
+
+def _plot_boxes(rows, path):
+    """Per-fold foreground Dice per trainer, one panel per task x plans x budget with at least two folds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(*_setting(r), r["iterations"]) for r in rows})
+    panels = [p for p in panels if len({r["fold"] for r in rows if (*_setting(r), r["iterations"]) == p}) > 1]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for panel, ax in zip(panels, axes[0]):
+        runs = [r for r in rows if (*_setting(r), r["iterations"]) == panel]
+        trainers = sorted({r["trainer"] for r in runs}, key=lambda t: (t != BASELINE, t))
+        data = [[r["foreground_mean"] for r in runs if r["trainer"] == t] for t in trainers]
+        ax.boxplot(data)
+        for i, values in enumerate(data, start=1):
+            ax.scatter([i] * len(values), values, s=12, zorder=3)
+        ax.set_xticks(range(1, len(trainers) + 1),
+                      [t.replace("nnUNetTrainer", "").lstrip("_") or "CNN" for t in trainers], rotation=30,
+                      ha="right", fontsize=7)
+        ax.set(title=f"{panel[0]} ({panel[1]}), {panel[2]} iterations", ylabel="foreground Dice per fold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _plot_curves(rows, path):
+    """nnU-Net's EMA pseudo-Dice per epoch, against iterations and wall time; one row of panels per plans x budget
+    x fold of the task(s) in ``rows``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def group(r):
+        return r["task"], _plans_label(r), r["iterations"], r["fold"]
+
+    groups = sorted({group(r) for r in rows})
+    if not groups:
+        return
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.2 * len(groups)), squeeze=False)
+    for (task, plans, iters, fold), (ax_it, ax_time) in zip(groups, axes):
+        for r in rows:
+            if group(r) != (task, plans, iters, fold):
+                continue
+            dice = r["curves"]["ema_pseudo_dice"]
+            epochs = range(1, len(dice) + 1)
+            elapsed = [sum(r["curves"]["epoch_seconds"][:i]) for i in epochs]
+            label = f"{r['trainer']} s{r['seed']}"
+            ax_it.plot([e * r["iterations_per_epoch"] for e in epochs], dice, label=label)
+            ax_time.plot(elapsed, dice, label=label)
+        ax_it.set(title=f"{task} ({plans}), fold {fold}, {iters} iterations", xlabel="iteration",
+                  ylabel="EMA pseudo-Dice (nnU-Net)")
+        ax_time.set(title="same, against training wall time", xlabel="seconds")
+        ax_it.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
