@@ -20,7 +20,8 @@ def run_key(r: dict) -> tuple:
 def collect_records(workdir: str, stored: str | None) -> list[dict]:
     """Every run record: those stored with the report (``runs.json`` from an earlier report, e.g. the committed
     one, possibly made on another machine whose work folder is gone), then the work folder's, which replace a
-    stored record of the same run. Each record's ``trainer`` is its ``run_label``."""
+    stored record of the same run. Each record's ``trainer`` is its ``run_label`` (``trained_as``: the name it ran
+    under, where that differs)."""
     merged: dict = {}
     if stored and os.path.isfile(stored):
         with open(stored) as f:
@@ -32,7 +33,10 @@ def collect_records(workdir: str, stored: str | None) -> list[dict]:
         merged[run_key(r)] = r
     rows = list(merged.values())
     for r in rows:
-        r["trainer"] = run_label(r)
+        label = run_label(r)
+        if label != r["trainer"]:
+            r.setdefault("trained_as", r["trainer"])  # the name it ran under stays in the record
+            r["trainer"] = label
     return rows
 
 
@@ -95,11 +99,19 @@ def recipe_changed_in_0_2(trainer_name: str) -> bool:
     return not any("spline_optimizer" in c.__dict__ or "configure_optimizers" in c.__dict__ for c in own)
 
 
+# Trainers kept under an old name whose recipe is, since 0.2.0, exactly the default's: reported under the default's
+# name, so that their runs and the default's pair up (tests/test_accuracy_report.py checks that they are the same).
+SAME_RECIPE_AS = {"nnUNetTrainerAllUKAN_splineAdam": "nnUNetTrainerAllUKAN"}
+
+
 def run_label(r: dict) -> str:
     """The trainer a run is reported under. Runs recorded before 0.2.0 (no ``spline_optimizer`` in the record) of
     trainers whose recipe changed then are labelled by what they ran: the old default is today's
-    ``nnUNetTrainerAllUKAN_splineSGD``, other variants get OLD_DEFAULT_RECIPE appended."""
-    name = r["trainer"]
+    ``nnUNetTrainerAllUKAN_splineSGD``, other variants get OLD_DEFAULT_RECIPE appended. Aliases of the default's
+    recipe (SAME_RECIPE_AS) get the default's name."""
+    name = r.get("trained_as", r["trainer"])
+    if name in SAME_RECIPE_AS:
+        return SAME_RECIPE_AS[name]
     if "spline_optimizer" in r or not recipe_changed_in_0_2(name):
         return name
     return "nnUNetTrainerAllUKAN_splineSGD" if name == "nnUNetTrainerAllUKAN" else name + OLD_DEFAULT_RECIPE
@@ -117,28 +129,53 @@ def _setting(r: dict) -> tuple:
 
 
 def summary_tables(rows: list[dict]) -> str:
-    """Markdown: (1) mean over folds per trainer at each budget, with the paired difference to nnU-Net's CNN on the
-    folds both have; (2) gap versus budget per fold; (3) equal wall time: each run against the CNN run of the same
+    """Markdown: (1) mean over folds per trainer, budget and seed, with the paired difference to nnU-Net's CNN on
+    the folds both have; (2) seed variance where a fold has several seeds; (3) gap versus budget per fold; (4) equal
+    wall time: each run against the CNN run of the same
     task, fold and seed, at any budget, whose training took closest to as long (and not longer)."""
     out = ["## Mean over folds (equal iterations)", "",
-           f"Δ: paired difference to `{BASELINE}` on the folds both trainers finished (same seed); wins: folds "
-           "where the trainer's foreground Dice is higher.", "",
-           "| task | plans | iterations | trainer | folds | foreground Dice mean ± sd | Δ vs CNN (mean) | wins | "
-           "train s (mean) |", "|---|---|---|---|---|---|---|---|---|"]
+           f"One row per seed (seeds are not averaged into the fold mean; see 'Seed variance'). Δ: paired "
+           f"difference to `{BASELINE}` on the folds both trainers finished with that seed; wins: folds where the "
+           "trainer's foreground Dice is higher.", "",
+           "| task | plans | iterations | seed | trainer | folds | foreground Dice mean ± sd | Δ vs CNN (mean) | wins | "
+           "train s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_key: dict = {}
     for r in rows:
-        by_key.setdefault((*_setting(r), r["iterations"], r["trainer"]), []).append(r)
-    for key in sorted(by_key, key=lambda k: (k[0], k[1], k[2], k[3] != BASELINE, k[3])):
-        runs = sorted(by_key[key], key=lambda r: (r["fold"], r["seed"]))
+        by_key.setdefault((*_setting(r), r["iterations"], r["seed"], r["trainer"]), []).append(r)
+    for key in sorted(by_key, key=lambda k: (*k[:4], k[4] != BASELINE, k[4])):
+        runs = sorted(by_key[key], key=lambda r: r["fold"])
         dice = [r["foreground_mean"] for r in runs]
         sd = f" ± {statistics.stdev(dice):.4f}" if len(dice) > 1 else ""
-        base = {(r["fold"], r["seed"]): r["foreground_mean"] for r in by_key.get((*key[:3], BASELINE), [])}
-        paired = [r["foreground_mean"] - base[(r["fold"], r["seed"])] for r in runs if (r["fold"], r["seed"]) in base]
-        delta = "–" if key[3] == BASELINE or not paired else f"{statistics.mean(paired):+.4f} (n={len(paired)})"
-        wins = "–" if key[3] == BASELINE or not paired else f"{sum(d > 0 for d in paired)}/{len(paired)}"
+        base = {r["fold"]: r["foreground_mean"] for r in by_key.get((*key[:4], BASELINE), [])}
+        paired = [r["foreground_mean"] - base[r["fold"]] for r in runs if r["fold"] in base]
+        delta = "–" if key[4] == BASELINE or not paired else f"{statistics.mean(paired):+.4f} (n={len(paired)})"
+        wins = "–" if key[4] == BASELINE or not paired else f"{sum(d > 0 for d in paired)}/{len(paired)}"
         folds = ",".join(str(r["fold"]) for r in runs)
-        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {folds} | **{statistics.mean(dice):.4f}**{sd} | "
-                   f"{delta} | {wins} | {statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {folds} | "
+                   f"**{statistics.mean(dice):.4f}**{sd} | {delta} | {wins} | "
+                   f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")
+
+    out += ["", "## Seed variance (one fold, several seeds)", "",
+            "Runs of one trainer, fold and budget with different seeds (the seed fixes the initialisation, the "
+            "patch sampling and the augmentation); Δ vs CNN paired by seed.", "",
+            "| task | plans | iterations | fold | trainer | Dice per seed | mean ± sd | range | Δ vs CNN per seed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    by_fold: dict = {}
+    for r in rows:
+        by_fold.setdefault((*_setting(r), r["iterations"], r["fold"], r["trainer"]), {})[r["seed"]] = \
+            r["foreground_mean"]
+    for key in sorted(by_fold, key=lambda k: (*k[:4], k[4] != BASELINE, k[4])):
+        seeds = by_fold[key]
+        if len(seeds) < 2:
+            continue
+        values = [seeds[s] for s in sorted(seeds)]
+        base = by_fold.get((*key[:4], BASELINE), {})
+        deltas = "–" if key[4] == BASELINE else " / ".join(
+            f"{seeds[s] - base[s]:+.4f}" if s in base else "–" for s in sorted(seeds))
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | "
+                   + " / ".join(f"s{s} {seeds[s]:.4f}" for s in sorted(seeds))
+                   + f" | {statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} | "
+                     f"{max(values) - min(values):.4f} | {deltas} |")
 
     budgets = sorted({r["iterations"] for r in rows})
     out += ["", "## Gap versus budget (foreground Dice per fold)", "",

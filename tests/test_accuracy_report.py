@@ -58,17 +58,28 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     rows.append(resenc)
     text = reporting.summary_tables(rows)
     # A run whose batch replaced the planned one is its own setting, never averaged with the planned batch.
-    assert _row(text, "icbm", "nnUNetResEncUNetMPlans, batch 6", "2000", "nnUNetTrainer")[4] == "0"
+    assert _row(text, "icbm", "nnUNetResEncUNetMPlans, batch 6", "2000", "0", "nnUNetTrainer")[5] == "0"
 
     ka_dice = [ka[f] for f in range(3)] + [0.9]
-    row = _row(text, "icbm", "nnUNetPlans", "2000", "nnUNetTrainerAllUKAN")
-    assert row[4] == "0,1,2,4"
-    assert row[5] == f"**{statistics.mean(ka_dice):.4f}** ± {statistics.stdev(ka_dice):.4f}"
+    row = _row(text, "icbm", "nnUNetPlans", "2000", "0", "nnUNetTrainerAllUKAN")
+    assert row[5] == "0,1,2,4"
+    assert row[6] == f"**{statistics.mean(ka_dice):.4f}** ± {statistics.stdev(ka_dice):.4f}"
     paired = [ka[f] - cnn[f] for f in range(3)]
-    assert row[6] == f"{statistics.mean(paired):+.4f} (n=3)"
-    assert row[7] == f"{sum(d > 0 for d in paired)}/3"
+    assert row[7] == f"{statistics.mean(paired):+.4f} (n=3)"
+    assert row[8] == f"{sum(d > 0 for d in paired)}/3"
+    # A second seed of fold 1 is its own row, never averaged into seed 0's fold mean, and shows in the seed table.
+    seeded = rows + [dict(_run("nnUNetTrainer", 1, 2000, 0.5, 500.0), seed=1),
+                     dict(_run("nnUNetTrainerAllUKAN_splineAdam", 1, 2000, 0.55, 1100.0), seed=1)]
+    seeded_text = reporting.summary_tables([dict(r, trainer=reporting.run_label(r)) for r in seeded])
+    assert _row(seeded_text, "icbm", "nnUNetPlans", "2000", "0", "nnUNetTrainerAllUKAN")[5:7] == row[5:7]
+    assert _row(seeded_text, "icbm", "nnUNetPlans", "2000", "1", "nnUNetTrainerAllUKAN")[5:8] == \
+        ["1", "**0.5500**", "+0.0500 (n=1)"]
+    seeds = _row(seeded_text.split("## Seed variance")[1], "icbm", "nnUNetPlans", "2000", "1", "nnUNetTrainerAllUKAN")
+    assert seeds[5] == f"s0 {ka[1]:.4f} / s1 0.5500"
+    assert seeds[6] == f"{statistics.mean([ka[1], 0.55]):.4f} ± {statistics.stdev([ka[1], 0.55]):.4f}"
+    assert seeds[8] == f"{ka[1] - cnn[1]:+.4f} / +0.0500"
 
-    budget_row = _row(text, "icbm", "nnUNetPlans", "1", "0", "nnUNetTrainer")
+    budget_row = _row(text.split("## Gap versus budget")[1], "icbm", "nnUNetPlans", "1", "0", "nnUNetTrainer")
     assert budget_row[5:7] == [f"{cnn[1]:.4f}", f"{cnn[1] + 0.01:.4f}"]  # 2000 it, 4000 it columns
 
     # Equal wall time: AllUKAN's 1100 s run meets the CNN's 4000-iteration run (1000 s), not the 2000 one.
@@ -217,7 +228,7 @@ def test_runs_of_the_old_default_recipe_are_reported_by_what_they_ran():
     assert reporting.run_label({"trainer": "nnUNetTrainerAllUKAN_noTokens"}) == \
         "nnUNetTrainerAllUKAN_noTokens" + reporting.OLD_DEFAULT_RECIPE
     # trainers that chose their recipe, fixed activations (no splines) and the comparators keep their names
-    for name in ("nnUNetTrainerAllUKAN_splineAdam", "nnUNetTrainerAllUKAN_noTokensSplineAdam",
+    for name in ("nnUNetTrainerAllUKAN_noTokensSplineAdam",
                  "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_AdamCosine",
                  "nnUNetTrainerAllUKAN_fixedSiLU", "nnUNetTrainerUKAN", "nnUNetTrainer"):
         assert reporting.run_label({"trainer": name}) == name
@@ -238,20 +249,40 @@ def test_report_keeps_the_stored_runs_and_lets_the_work_folder_replace_the_same_
     workdir = tmp_path / "fresh"
     rerun_cnn = _run("nnUNetTrainer", 0, 2000, 0.72, 480.0)
     new_default = _run("nnUNetTrainerAllUKAN", 0, 2000, 0.75, 1100.0)
-    for r in (rerun_cnn, new_default):
-        path = workdir / "runs" / "icbm" / "e80x25" / r["trainer"] / "fold_0_seed0.json"
+    alias_fold1 = _run("nnUNetTrainerAllUKAN_splineAdam", 1, 2000, 0.65, 1100.0)
+    del alias_fold1["spline_optimizer"]  # recorded before 0.2.0, under the name the default's recipe had then
+    for r in (rerun_cnn, new_default, alias_fold1):
+        path = workdir / "runs" / "icbm" / "e80x25" / r["trainer"] / f"fold_{r['fold']}_seed0.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(r))
     assert accuracy.main(["report", "--workdir", str(workdir), "--out", str(out)]) == 0
-    runs = {r["trainer"]: r for r in json.loads((out / "runs.json").read_text())}
+    stored = json.loads((out / "runs.json").read_text())
+    alias = [r for r in stored if r["fold"] == 1]
+    assert len(alias) == 1 and alias[0]["trainer"] == "nnUNetTrainerAllUKAN" \
+        and alias[0]["trained_as"] == "nnUNetTrainerAllUKAN_splineAdam"
+    runs = {r["trainer"]: r for r in stored if r["fold"] == 0}
     assert sorted(runs) == ["nnUNetTrainer", "nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_splineSGD"]
     assert runs["nnUNetTrainer"]["foreground_mean"] == 0.72  # the work folder's record of the same run
     assert runs["nnUNetTrainerAllUKAN_splineSGD"]["foreground_mean"] == 0.60  # kept, not re-labelled twice
     assert runs["nnUNetTrainerAllUKAN"]["curves"]["ema_pseudo_dice"] == [0.1, 0.75]  # curves are stored
     summary = (out / "summary.md").read_text()
-    assert _row(summary, "icbm", "nnUNetPlans", "2000", "nnUNetTrainerAllUKAN_splineSGD")[6] == "-0.1200 (n=1)"
+    assert _row(summary, "icbm", "nnUNetPlans", "2000", "0", "nnUNetTrainerAllUKAN_splineSGD")[7] == "-0.1200 (n=1)"
 
     # Again from an empty work folder: nothing is lost, nothing changes.
     before = (out / "runs.json").read_text()
     assert accuracy.main(["report", "--workdir", str(tmp_path / "empty"), "--out", str(out)]) == 0
     assert (out / "runs.json").read_text() == before and (out / "summary.md").read_text() == summary
+
+
+def test_a_trainer_reported_under_the_defaults_name_has_exactly_the_defaults_recipe():
+    """SAME_RECIPE_AS pools an old name's runs with the default's: wrong the moment either recipe changes."""
+    from nnunetv2_allukan import trainers
+
+    reporting = _report_module()
+    for alias, default in reporting.SAME_RECIPE_AS.items():
+        a, d = getattr(trainers, alias), getattr(trainers, default)
+        assert a.__mro__[1] is d  # a direct subclass: nothing in between that could change the recipe
+        own = {k: v for k, v in vars(a).items() if not k.startswith("__")}
+        for k, v in own.items():  # whatever it sets, it sets to the default's value; it overrides no method
+            assert not callable(v) and getattr(d, k) == v, k
+        assert reporting.run_label({"trainer": alias}) == default
