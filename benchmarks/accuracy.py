@@ -227,7 +227,23 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
             "ka_statistics": ka_stats, "threads": threads, "torch": torch.__version__,
             "batch_size": trainer.configuration_manager.batch_size, "planned_batch_size": planned_batch,
             "resumed_at_epoch": resumed_at, "spline_optimizer": spline_optimizer_of(trainer),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+
+
+def machine() -> dict:
+    """Where a run trained: wall times are comparable only between runs of one machine (the CPU machines of
+    different sessions differ in speed)."""
+    import platform
+
+    cpu = platform.processor()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    boot = None  # the project's machines share one host name; the boot id tells one machine (session) from another
+    if os.path.isfile("/proc/sys/kernel/random/boot_id"):
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    return {"boot_id": boot or platform.node(), "host": platform.node(), "cpu": cpu, "cores": os.cpu_count()}
 
 
 def _stats_summary(entry: dict) -> dict:

@@ -128,6 +128,11 @@ def _setting(r: dict) -> tuple:
     return r["task"], _plans_label(r)
 
 
+def _same_machine(a: dict, b: dict) -> bool:
+    """Runs recorded with their machine pair only on the same one; older records (without) pair as before."""
+    return "machine" not in a or "machine" not in b or a["machine"]["boot_id"] == b["machine"]["boot_id"]
+
+
 def summary_tables(rows: list[dict]) -> str:
     """Markdown: (1) mean over folds per trainer, budget and seed, with the paired difference to nnU-Net's CNN on
     the folds both have; (2) seed variance where a fold has several seeds; (3) gap versus budget per fold; (4) equal
@@ -190,15 +195,16 @@ def summary_tables(rows: list[dict]) -> str:
 
     out += ["", "## Equal wall time", "",
             f"Each run against the `{BASELINE}` run of the same task, plans, fold and seed (any budget) whose training "
-            "took longest without exceeding this run's time. Wall times are comparable only between runs made under "
-            "the same conditions (the `threads` and machine load recorded in each run's JSON).", "",
+            "took longest without exceeding this run's time, with the same threads and, where both record it, on the same "
+            "machine. Wall times are comparable only between runs made under the same conditions (machine load is "
+            "not recorded: the runs here ran one at a time).", "",
             "| task | plans | fold | trainer | iterations | train s | Dice | CNN iterations | CNN train s | CNN Dice | "
             "Δ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (*_setting(r), r["fold"], r["seed"], r["trainer"], r["iterations"])):
         if r["trainer"] == BASELINE:
             continue
         cnn = [c for c in rows if c["trainer"] == BASELINE and _setting(c) == _setting(r) and c["fold"] == r["fold"]
-               and c["seed"] == r["seed"] and c.get("threads") == r.get("threads")
+               and c["seed"] == r["seed"] and c.get("threads") == r.get("threads") and _same_machine(c, r)
                and c["train_seconds"] <= r["train_seconds"]]
         if not cnn:
             continue

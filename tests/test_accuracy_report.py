@@ -85,6 +85,13 @@ def test_summary_pairs_folds_counts_wins_and_matches_equal_wall_time(tmp_path):
     # Equal wall time: AllUKAN's 1100 s run meets the CNN's 4000-iteration run (1000 s), not the 2000 one.
     wall = _row(text.split("## Equal wall time")[1], "icbm", "nnUNetPlans", "0", "nnUNetTrainerAllUKAN", "2000")
     assert wall[7:10] == ["4000", "1000", f"{cnn[0] + 0.01:.4f}"]
+    # A CNN run of another machine is not a wall-time match (machines differ in speed); older records pair as before.
+    here, there = ({"boot_id": b, "host": "vm", "cpu": "x", "cores": 2} for b in ("a", "b"))
+    on_machines = [dict(r, machine=there if (r["trainer"], r["iterations"]) == ("nnUNetTrainer", 4000) else here)
+                   for r in rows]
+    wall = _row(reporting.summary_tables(on_machines).split("## Equal wall time")[1], "icbm", "nnUNetPlans", "0",
+                "nnUNetTrainerAllUKAN", "2000")
+    assert wall[7:10] == ["2000", "500", f"{cnn[0]:.4f}"]
 
     # The command writes the same tables and the plots.
     for r in rows:
