@@ -12,9 +12,19 @@ from nnunetv2_allukan.tools.crossval import label_order
 
 
 def run_key(r: dict) -> tuple:
-    """What identifies a run across machines: the same key in the stored records and a work folder is one run."""
+    """What identifies a run across machines: the same key in the stored records and a work folder is one run.
+    ``r`` is labelled (``_labelled``), so a run recorded under an old name and its stored copy share the key."""
     return (r["task"], r.get("plans", "nnUNetPlans"), r.get("batch_size"), r["iterations"], r["iterations_per_epoch"],
-            r["fold"], r["seed"], run_label(r))
+            r["fold"], r["seed"], r["trainer"])
+
+
+def _labelled(r: dict) -> dict:
+    """``r`` with ``trainer`` set to its ``run_label`` (``trained_as``: the name it ran under, where that differs)."""
+    label = run_label(r)
+    if label != r["trainer"]:
+        r.setdefault("trained_as", r["trainer"])
+        r["trainer"] = label
+    return r
 
 
 def collect_records(workdir: str, stored: str | None) -> list[dict]:
@@ -22,22 +32,17 @@ def collect_records(workdir: str, stored: str | None) -> list[dict]:
     one, possibly made on another machine whose work folder is gone), then the work folder's, which replace a
     stored record of the same run. Each record's ``trainer`` is its ``run_label`` (``trained_as``: the name it ran
     under, where that differs)."""
-    merged: dict = {}
+    records = []
     if stored and os.path.isfile(stored):
         with open(stored) as f:
-            for r in json.load(f):
-                merged[run_key(r)] = r
+            records = json.load(f)
     for path in sorted(glob.glob(os.path.join(os.path.abspath(workdir), "runs", "*", "*", "*", "*.json"))):
         with open(path) as f:
-            r = json.load(f)
+            records.append(json.load(f))
+    merged = {}
+    for r in map(_labelled, records):  # later (work folder) records replace earlier (stored) ones of the same run
         merged[run_key(r)] = r
-    rows = list(merged.values())
-    for r in rows:
-        label = run_label(r)
-        if label != r["trainer"]:
-            r.setdefault("trained_as", r["trainer"])  # the name it ran under stays in the record
-            r["trainer"] = label
-    return rows
+    return list(merged.values())
 
 
 def _rounded_curves(curves: dict) -> dict:
@@ -136,14 +141,14 @@ def _same_machine(a: dict, b: dict) -> bool:
 def summary_tables(rows: list[dict]) -> str:
     """Markdown: (1) mean over folds per trainer, budget and seed, with the paired difference to nnU-Net's CNN on
     the folds both have; (2) seed variance where a fold has several seeds; (3) gap versus budget per fold; (4) equal
-    wall time: each run against the CNN run of the same
-    task, fold and seed, at any budget, whose training took closest to as long (and not longer)."""
+    wall time: each run against the CNN run of the same task, fold and seed, at any budget, whose training took
+    closest to as long (and not longer)."""
     out = ["## Mean over folds (equal iterations)", "",
            f"One row per seed (seeds are not averaged into the fold mean; see 'Seed variance'). Δ: paired "
            f"difference to `{BASELINE}` on the folds both trainers finished with that seed; wins: folds where the "
            "trainer's foreground Dice is higher.", "",
-           "| task | plans | iterations | seed | trainer | folds | foreground Dice mean ± sd | Δ vs CNN (mean) | wins | "
-           "train s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "| task | plans | iterations | seed | trainer | folds | foreground Dice mean ± sd | Δ vs CNN (mean) | "
+           "wins | train s (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_key: dict = {}
     for r in rows:
         by_key.setdefault((*_setting(r), r["iterations"], r["seed"], r["trainer"]), []).append(r)
@@ -195,8 +200,8 @@ def summary_tables(rows: list[dict]) -> str:
 
     out += ["", "## Equal wall time", "",
             f"Each run against the `{BASELINE}` run of the same task, plans, fold and seed (any budget) whose training "
-            "took longest without exceeding this run's time, with the same threads and, where both record it, on the same "
-            "machine. Wall times are comparable only between runs made under the same conditions (machine load is "
+            "took longest without exceeding this run's time, with the same threads and, where both record it, on the "
+            "same machine. Wall times are comparable only between runs made under the same conditions (machine load is "
             "not recorded: the runs here ran one at a time).", "",
             "| task | plans | fold | trainer | iterations | train s | Dice | CNN iterations | CNN train s | CNN Dice | "
             "Δ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
