@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import spline
 from .func_transforms import first_order_backward, pointwise_vmap
-from .kernels import BACKENDS, default_backend, resolve_backend
+from .kernels import BACKENDS, cpu_kernels_available, default_backend, resolve_backend
 
 SHARE_MODES = ("layer", "channel", "group")
 SPLINE_GRAD_MODES = ("free", "exact")
@@ -68,7 +68,7 @@ class SplineConfig(NamedTuple):
     channel_dim: int | None  # None: one spline for the whole layer
     exact: bool
     base: str = "silu"
-    backend: str = "torch"  # "torch" or "triton", resolved for the input (kernels.resolve_backend)
+    backend: str = "torch"  # "torch", "triton" or "cpu", resolved for the input (kernels.resolve_backend)
 
 
 # Values per piece of the torch path. Its ~10 temporaries (lookup, gathers, base function) are then piece-sized
@@ -95,9 +95,9 @@ class SplineEvaluation:
         """phi(x) in ``dtype`` (default: the compute dtype, fp32 for half inputs)."""
         c = self.config
         dtype = dtype or _compute_dtype(self.x)
-        if c.backend == "triton":
-            return _kernel_ops().spline_phi(self.x, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim,
-                                            c.base, LEAKY_SLOPE, dtype)
+        if c.backend in KERNEL_BACKENDS:
+            return _kernel_ops(c.backend).spline_phi(self.x, self.table, self.base_weight, c.lo, c.inv_h,
+                                                     c.channel_dim, c.base, LEAKY_SLOPE, dtype)
         layout = spline.MemoryLayout(self.x, c.channel_dim, self.table.shape[0])
         out = layout.empty(dtype)
         out2 = _planes(layout.view3(out))
@@ -109,14 +109,32 @@ class SplineEvaluation:
         """(dL/dx, dL/dtable, dL/dbase_weight) for the upstream gradient dL/dphi; None where not needed."""
         c = self.config
         need_params = need_table or need_base_weight
-        if c.backend == "triton":
-            grad_x, grad_table, grad_wb = _kernel_ops().spline_phi_backward(
+        if c.backend in KERNEL_BACKENDS:
+            grad_x, grad_table, grad_wb = _kernel_ops(c.backend).spline_phi_backward(
                 self.x, grad_phi, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE,
                 c.exact, need_x, need_params)
         else:
             grad_x, grad_table, grad_wb = self._torch_gradients(grad_phi, need_x, need_params)
         return (grad_x if need_x else None, grad_table if need_table else None,
                 grad_wb if need_base_weight else None)
+
+    @property
+    def values_with_gradients(self) -> bool:
+        """Whether ``gradients_and_values`` computes phi in the gradients' pass (the CPU kernels); otherwise it is
+        a separate pass, and callers that have phi's consumer ready first should ask for values() before."""
+        return self.config.backend == "cpu"
+
+    def gradients_and_values(self, grad_phi: torch.Tensor, need_x: bool, need_table: bool, need_base_weight: bool,
+                             dtype: torch.dtype):
+        """(dL/dx, dL/dtable, dL/dbase_weight, phi(x) in ``dtype``): one pass over x for the CPU kernels."""
+        c = self.config
+        if not self.values_with_gradients:
+            return (*self.gradients(grad_phi, need_x, need_table, need_base_weight), self.values(dtype))
+        grad_x, grad_table, grad_wb, phi = _kernel_ops(c.backend).spline_phi_backward_with_values(
+            self.x, grad_phi, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE,
+            c.exact, need_x, need_table or need_base_weight, dtype)
+        return (grad_x if need_x else None, grad_table if need_table else None,
+                grad_wb if need_base_weight else None, phi)
 
     def _torch_gradients(self, grad_phi: torch.Tensor, need_x: bool, need_params: bool):
         layout = spline.MemoryLayout(self.x, self.config.channel_dim, self.table.shape[0])
@@ -243,7 +261,32 @@ class _Piece:
             acc.index_add_(0, self.channels, per_plane)
 
 
-def _kernel_ops():
+KERNEL_BACKENDS = ("triton", "cpu")
+
+
+class _CPUKernelOps:
+    """The numba kernels' custom ops with the Triton ones' signatures (``kernels.ops``), plus the backward that
+    also returns phi."""
+
+    def __init__(self):
+        from .kernels import cpu_ops  # imports numba: only when the CPU kernels are used
+
+        self.spline_phi = cpu_ops.spline_phi_cpu
+        self.spline_phi_backward_with_values = cpu_ops.spline_phi_backward_cpu
+
+    def spline_phi_backward(self, *args):
+        return self.spline_phi_backward_with_values(*args)[:3]
+
+
+_CPU_OPS: list = []
+
+
+def _kernel_ops(backend: str):
+    """The custom ops of a kernel backend: ``kernels.ops`` (Triton) or the numba CPU ops."""
+    if backend == "cpu":
+        if not _CPU_OPS:
+            _CPU_OPS.append(_CPUKernelOps())
+        return _CPU_OPS[0]
     from .kernels import ops  # imports triton: only when the Triton backend is used
 
     return ops
@@ -295,11 +338,12 @@ class SharedSplineActivation(nn.Module):
         spline_init: ``"silu-noise"`` (base silu, c ~ N(0, init_scale²)) or ``"leakyrelu"`` (base
             leaky_relu(x, 0.01), c = 0: phi starts as nnU-Net's nonlinearity exactly).
         init_scale: standard deviation of the initial spline coefficients for ``spline_init="silu-noise"``.
-        backend: who evaluates phi and its gradients for ``impl="function"``: ``"triton"`` (the fused kernels of
-            ``nnunetv2_allukan.kernels``: one pass forward, one backward, deterministic), ``"torch"`` (the
-            reference path, any device) or ``"auto"`` (Triton for CUDA tensors when triton is installed, else
-            torch; $ALLUKAN_SPLINE_BACKEND, when set, replaces "auto"). Both give the same values and gradients up
-            to rounding.
+        backend: who evaluates phi and its gradients for ``impl="function"``: ``"triton"`` (the fused GPU kernels
+            of ``nnunetv2_allukan.kernels``: one pass forward, one backward, deterministic), ``"cpu"`` (the fused
+            numba kernels for CPU tensors, likewise), ``"torch"`` (the reference path, any device) or ``"auto"``
+            (Triton for CUDA tensors when triton is installed, the numba kernels for CPU tensors when they load,
+            else torch; $ALLUKAN_SPLINE_BACKEND, when set, replaces "auto"). All give the same values and
+            gradients up to rounding.
     """
 
     def __init__(self, num_channels: int | None = None, grid_size: int = 5,
@@ -313,10 +357,12 @@ class SharedSplineActivation(nn.Module):
                                      ("spline_init", spline_init, SPLINE_INITS), ("backend", backend, BACKENDS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not supported; allowed values: {allowed}")
-        if impl == "plain" and backend == "triton":
-            raise ValueError("backend='triton' evaluates the custom Function: it needs impl='function'")
+        if impl == "plain" and backend in KERNEL_BACKENDS:
+            raise ValueError(f"backend={backend!r} evaluates the custom Function: it needs impl='function'")
         if backend == "auto":
             backend = default_backend()
+        if backend in ("auto", "cpu") and impl == "function":
+            cpu_kernels_available()  # decided here, once, so that resolve_backend is a constant under compile
         lo, hi = spline.validate_grid(grid_size, grid_range)
         if share in ("channel", "group"):
             if num_channels is None or int(num_channels) < 1:

@@ -101,11 +101,24 @@ class _KAFunction(torch.autograd.Function):
 
         def formula(x, table, base_weight, weight, grad_out):
             evaluation = SplineEvaluation(x, table, base_weight, spline_config)
-            phi = evaluation.values(dtype)
-            grad_phi, grad_weight, grad_bias = op.backward(grad_out.to(dtype), phi, weight.to(dtype), has_bias,
-                                                           [need_phi, need_weight, need_bias])
-            del phi
-            grads = evaluation.gradients(grad_phi, need_x, need_table, need_wb) if need_phi else (None, None, None)
+            grad_out, weight_ = grad_out.to(dtype), weight.to(dtype)
+            if need_phi and evaluation.values_with_gradients:
+                # The input gradient of the linear map does not need phi; one pass over x then gives phi (for the
+                # weight gradient) and the spline's gradients together.
+                like_phi = x if x.dtype == dtype else x.to(dtype)
+                grad_phi = op.backward(grad_out, like_phi, weight_, has_bias, [True, False, False])[0]
+                del like_phi
+                *grads, phi = evaluation.gradients_and_values(grad_phi, need_x, need_table, need_wb, dtype)
+                del grad_phi
+                _, grad_weight, grad_bias = op.backward(grad_out, phi, weight_, has_bias,
+                                                        [False, need_weight, need_bias])
+            else:
+                phi = evaluation.values(dtype)
+                grad_phi, grad_weight, grad_bias = op.backward(grad_out, phi, weight_, has_bias,
+                                                               [need_phi, need_weight, need_bias])
+                del phi
+                grads = (evaluation.gradients(grad_phi, need_x, need_table, need_wb) if need_phi
+                         else (None, None, None))
             grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
             grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
             return (*grads, grad_weight, grad_bias)
