@@ -180,7 +180,7 @@ def _holds_no_memory(t: torch.Tensor) -> bool:
 
 def _planes(t3: torch.Tensor) -> torch.Tensor:
     """(A, C, B) -> (A*C, B): plane p holds channel p % C."""
-    return t3.reshape(-1, t3.shape[2])
+    return t3.reshape(t3.shape[0] * t3.shape[1], t3.shape[2])  # not -1: ambiguous for an empty plane
 
 
 def _piece_slices(n_planes: int, plane_size: int, piece: int | None):

@@ -1,4 +1,5 @@
-"""Transient memory of a KA layer's forward+backward on the torch path (CPU), against Conv + LeakyReLU.
+"""Transient memory of a KA layer's forward+backward on the CPU (torch path and numba kernels), against
+Conv + LeakyReLU.
 
 The issue's measure: peak RSS growth during one forward+backward of a 1x1 layer, 64 channels, 1x64x512x512 fp32,
 each in a fresh process. The torch path evaluates the spline in cache-sized pieces
@@ -24,7 +25,7 @@ import nnunetv2_allukan.activation as activation
 from nnunetv2_allukan.layers import KAonv2d
 
 torch.set_num_threads(1)
-kind, pieces = sys.argv[1], sys.argv[2]
+kind, pieces, backend = sys.argv[1], sys.argv[2], sys.argv[3]
 if pieces != "default":
     activation.TORCH_PIECE_ELEMENTS = None if pieces == "None" else int(pieces)
 x = torch.randn(1, 64, 512, 512, requires_grad=True)
@@ -33,7 +34,7 @@ if kind == "conv+leakyrelu":
     step = lambda: conv(nn.functional.leaky_relu(x, 0.01)).sum().backward()
 else:
     spline_grad, share = kind.split("/")
-    layer = KAonv2d(64, 64, 1, spline_grad=spline_grad, share=share)
+    layer = KAonv2d(64, 64, 1, spline_grad=spline_grad, share=share, backend=backend)
     step = lambda: layer(x).sum().backward()
 
 def status(field):
@@ -56,9 +57,9 @@ print(json.dumps({"growth": (peak - before) / (x.numel() * 4)}))
 """
 
 
-def _growth(kind: str, pieces: str = "default") -> float:
+def _growth(kind: str, pieces: str = "default", backend: str = "torch") -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, kind, pieces], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", MEASURE, kind, pieces, backend], env=env, capture_output=True, text=True,
                          check=True, timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])["growth"]
 
@@ -67,6 +68,7 @@ def _growth(kind: str, pieces: str = "default") -> float:
 def test_ka_layer_transient_memory_within_1_5x_conv_leakyrelu():
     conv = _growth("conv+leakyrelu")
     ka = {kind: _growth(kind) for kind in ("free/layer", "exact/channel")}
+    ka.update({f"{kind} (CPU kernels)": _growth(kind, backend="cpu") for kind in ("free/layer", "exact/channel")})
     control = _growth("free/layer", "None")
     print(f"peak RSS growth / input size: conv+leakyrelu {conv:.2f}, KA {ka}, KA unbounded control {control:.2f}")
     for kind, growth in ka.items():

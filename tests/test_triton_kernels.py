@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from nnunetv2_allukan import kernels as kernels_package
 from nnunetv2_allukan.activation import LEAKY_SLOPE, SharedSplineActivation
 from nnunetv2_allukan.layers import KALinear, KAonv2d, KAonv3d, KAonvTranspose2d
 
@@ -263,7 +264,8 @@ def test_compiled_layer_sees_one_custom_op_per_direction():
 
 def test_backend_option(monkeypatch):
     x = torch.randn(2, 3)
-    assert SharedSplineActivation(backend="auto").function_inputs(x)[2].backend == "torch"  # CPU tensor
+    cpu_default = "cpu" if kernels_package.cpu_kernels_available() else "torch"
+    assert SharedSplineActivation(backend="auto").function_inputs(x)[2].backend == cpu_default  # CPU tensor
     assert SharedSplineActivation(backend="torch").function_inputs(x.to(DEVICE))[2].backend == "torch"
     assert SharedSplineActivation(backend="triton").function_inputs(x.to(DEVICE))[2].backend == "triton"
     with pytest.raises(ValueError, match="backend"):

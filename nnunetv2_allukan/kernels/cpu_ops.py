@@ -1,5 +1,11 @@
-"""The numba CPU kernels as ``torch.library`` custom ops: ``torch.ops.allukan.spline_phi_cpu`` and
-``torch.ops.allukan.spline_phi_backward_cpu``, the CPU twins of ``ops`` (Triton).
+"""The numba CPU kernels (``cpu_spline``) on torch tensors: the work cut into units, run on threads, and registered as
+``torch.library`` custom ops: ``torch.ops.allukan.spline_phi_cpu`` and ``torch.ops.allukan.spline_phi_backward_cpu``,
+the CPU twins of ``ops`` (Triton).
+
+Threads: the units are spread over a small pool of Python threads sized by ``torch.get_num_threads()`` (so
+nnU-Net's and the demo's thread settings apply), the calling thread taking the first share; a forked child (an
+augmentation worker) makes its own pool. The partial sums are per unit, and units are a function of the shape only,
+so the gradients are bitwise the same at any thread count.
 
 One opaque node each for ``torch.compile`` (with a fake implementation for shapes). Inputs may have any layout
 (outputs follow ``x``'s, ``spline.MemoryLayout``) and any float dtype: the kernels compute in the table's dtype
@@ -8,17 +14,136 @@ The thread count is read per call from ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import spline
 from . import cpu_spline
 
+UNIT_VALUES = 1 << 15  # about this many values per unit of work (and per partial sum)
+MIN_VALUES_PER_THREAD = 1 << 15  # below this a second thread costs more than it saves
 
-def _threads() -> int:
-    import os
-    return int(os.environ.get("ALLUKAN_CPU_THREADS", torch.get_num_threads()))
+
+def units_for(shape3) -> tuple[int, int, int, int, int]:
+    """(number of units, a_block, n_a_blocks, b_block, n_b_blocks) for an (A, C, B) view: a function of the shape
+    only, so the partial sums, and the gradients, do not depend on the thread count."""
+    A, C, B = shape3
+    if B >= UNIT_VALUES:
+        a_block, b_block = 1, UNIT_VALUES
+    else:
+        a_block, b_block = max(1, UNIT_VALUES // max(B, 1)), max(B, 1)
+    n_a_blocks = max(1, -(-A // a_block))
+    n_b_blocks = max(1, -(-B // b_block))
+    return C * n_a_blocks * n_b_blocks, a_block, n_a_blocks, b_block, n_b_blocks
+
+
+_POOL: dict = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads for this process (a forked child, e.g. a data-augmentation worker, makes its
+    own: threads do not survive fork)."""
+    key = (os.getpid(), workers)
+    with _POOL_LOCK:
+        pool = _POOL.get(key)
+        if pool is None:
+            _POOL.clear()
+            pool = _POOL[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="allukan-spline")
+    return pool
+
+
+def split_units(n_units: int, numel: int, threads: int) -> list[tuple[int, int]]:
+    """Contiguous unit ranges, one per thread used (never more threads than pay for themselves)."""
+    workers = max(1, min(threads, n_units, numel // MIN_VALUES_PER_THREAD))
+    step = -(-n_units // workers)
+    return [(u, min(n_units, u + step)) for u in range(0, n_units, step)]
+
+
+def run_ranges(call, ranges):
+    """call(u0, u1) for every range: the first in this thread, the others on the pool; re-raises their errors."""
+    if len(ranges) == 1:
+        call(*ranges[0])
+        return
+    futures = [_pool(len(ranges) - 1).submit(call, *r) for r in ranges[1:]]
+    try:
+        call(*ranges[0])
+    finally:
+        for f in futures:
+            f.result()
+
+
+
+
+def _arrays(*tensors):
+    return [t.detach().numpy() for t in tensors]
+
+
+def table_columns(table) -> np.ndarray:
+    """The tables (C, rows, 4) as four 16-entry columns per spline, (C, 64) float32, rows past the table zero, for
+    the permute path (``_spline_lanes``); (C, 0) where it does not apply (float64, more than 16 rows, no
+    AVX-512), which sends every value to the scalar path."""
+    C, n_rows, _ = table.shape
+    if not (cpu_spline.HOST_HAS_AVX512 and table.dtype == torch.float32 and n_rows <= cpu_spline.LANES):
+        return np.zeros((C, 0), dtype=table.detach().numpy().dtype)
+    columns = np.zeros((C, 4, cpu_spline.LANES), dtype=np.float32)
+    columns[:, :, :n_rows] = table.detach().numpy().transpose(0, 2, 1)
+    return columns.reshape(C, 4 * cpu_spline.LANES)
+
+
+
+
+def run_phi(x3, table, base_weight, lo: float, inv_h: float, base: str, slope: float, out3, threads: int):
+    """Write phi(x3) into out3. x3, out3: contiguous (A, C, B) CPU tensors of the table's dtype (float32/64);
+    table: (C, G + 8, 4); base_weight: (C,)."""
+    if x3.numel() == 0:
+        return out3
+    x, out, tables, wbs = _arrays(x3, out3, table.reshape(table.shape[0], -1), base_weight)
+    k = cpu_spline.constants(lo, inv_h, table.shape[1] - cpu_spline.EXTRA_ROWS, slope, x.dtype)
+    n_units, *geometry = units_for(x.shape)
+    code = cpu_spline.BASE_CODES[base]
+    columns = table_columns(table)
+    run_ranges(lambda u0, u1: cpu_spline.phi_units(x, out, tables, columns, wbs, k, code, u0, u1, *geometry),
+               split_units(n_units, x.size, threads))
+    return out3
+
+
+def run_phi_grads(x3, g3, table, base_weight, lo: float, inv_h: float, base: str, slope: float, exact: bool, gx3,
+              need_params: bool, threads: int, phi3=None):
+    """Write dL/dx into gx3 (when given) and phi(x3) into phi3 (when given), and return (dL/dtable,
+    dL/dbase_weight) (None unless need_params). g3 is dL/dphi in x3's layout and dtype."""
+    need_x = gx3 is not None
+    C = table.shape[0]
+    grad_table = torch.zeros_like(table) if need_params else None
+    grad_wb = torch.zeros_like(base_weight) if need_params else None
+    need_phi = phi3 is not None
+    if x3.numel() == 0 or not (need_x or need_params or need_phi):
+        return grad_table, grad_wb
+    x, g, tables, wbs = _arrays(x3, g3, table.reshape(C, -1), base_weight)
+    # An output that is not needed is a one-value placeholder of its own (never written): were it x, the
+    # vectoriser's run-time overlap check would fail and every chunk would run the scalar loop.
+    gx = gx3.detach().numpy() if need_x else np.empty(1, x.dtype)
+    phi_out = phi3.detach().numpy() if need_phi else np.empty(1, x.dtype)
+    k = cpu_spline.constants(lo, inv_h, table.shape[1] - cpu_spline.EXTRA_ROWS, slope, x.dtype)
+    n_units, *geometry = units_for(x.shape)
+    cells = tables.shape[1]
+    part_table = np.empty((n_units if need_params else 0, cells), x.dtype)
+    part_wb = np.empty(n_units if need_params else 0, x.dtype)
+    code = cpu_spline.BASE_CODES[base]
+    columns = table_columns(table)
+    run_ranges(lambda u0, u1: cpu_spline.grad_units(x, g, gx, phi_out, tables, columns, wbs, k, code, exact, need_x,
+                                                    need_params, need_phi, part_table, part_wb, u0, u1, *geometry),
+               split_units(n_units, x.size, threads))
+    if need_params:
+        out_table, out_wb = _arrays(grad_table.view(C, -1), grad_wb)
+        cpu_spline.reduce_partials(part_table, part_wb, C, out_table, out_wb)
+    return grad_table, grad_wb
+
 
 
 def _compute_view(layout: spline.MemoryLayout, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -33,8 +158,8 @@ def spline_phi_cpu(x: torch.Tensor, table: torch.Tensor, base_weight: torch.Tens
     layout = spline.MemoryLayout(x, channel_dim, table.shape[0])
     compute = table.dtype
     out = layout.empty(compute)
-    cpu_spline.phi(_compute_view(layout, layout.x, compute), table.contiguous(), base_weight.contiguous(), lo, inv_h,
-                   base, leaky_slope, layout.view3(out), _threads())
+    run_phi(_compute_view(layout, layout.x, compute), table.contiguous(), base_weight.contiguous(), lo, inv_h,
+                   base, leaky_slope, layout.view3(out), torch.get_num_threads())
     return out if dtype == compute else out.to(dtype)
 
 
@@ -55,7 +180,7 @@ def spline_phi_backward_cpu(x: torch.Tensor, grad_phi: torch.Tensor, table: torc
     compute = table.dtype
     grad_x = layout.empty(compute) if need_x else None
     phi = layout.empty(compute) if phi_dtype is not None else None
-    grad_table, grad_wb = cpu_spline.phi_grads(
+    grad_table, grad_wb = run_phi_grads(
         _compute_view(layout, layout.x, compute), _compute_view(layout, grad_phi, compute), table.contiguous(),
         base_weight.contiguous(), lo, inv_h, base, leaky_slope, exact,
         layout.view3(grad_x) if need_x else None, need_params, torch.get_num_threads(),
@@ -96,10 +221,11 @@ def smoke_test():
     columns = [coef[0, j] for j in range(coef.shape[1])]
     x_ref = x.detach().clone().requires_grad_()
     reference = torch.nn.functional.silu(x_ref) + spline.spline_on_the_fly((x_ref - lo) * inv_h, columns)
-    grad_x, _, grad_wb, phi_again = spline_phi_backward_cpu(x, torch.ones_like(x), table, base_weight, lo, inv_h, None,
-                                                            "silu", 0.01, True, True, True, torch.float32)
+    grad_x, _, grad_wb, phi_again = spline_phi_backward_cpu(x, torch.ones_like(x), table, base_weight, lo, inv_h,
+                                                            None, "silu", 0.01, True, True, True, torch.float32)
     reference.sum().backward()
-    checks = {"phi": (phi, reference.detach()), "phi in backward": (phi_again, reference.detach()), "dphi/dx": (grad_x, x_ref.grad),
+    checks = {"phi": (phi, reference.detach()), "phi in backward": (phi_again, reference.detach()),
+              "dphi/dx": (grad_x, x_ref.grad),
               "dphi/dw_b": (grad_wb, torch.nn.functional.silu(x).sum().reshape(1))}
     for name, (got, want) in checks.items():
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):

@@ -24,21 +24,19 @@ Determinism: the work is cut into *units* (a spline, a block of its planes, a bl
 the shape only. Each unit sums its own gradient partials in order; the partials of a spline are then summed in unit
 order. Which thread ran which unit does not enter the result: bitwise-equal gradients at any thread count.
 
-Threads: the kernels release the GIL (``nogil``) and run serially each; ``run_units`` spreads the units over a
-small pool of Python threads sized by ``torch.get_num_threads()`` (so nnU-Net's and the demo's thread settings
-apply), with the calling thread taking the first share. numba's own ``parallel=True`` is not used: its default
-threading layer (workqueue) terminates the process when two threads enter a parallel region at once, and the
-parallel loops did not vectorise here.
+Threads: the kernels release the GIL (``nogil``) and each runs serially over a range of units; ``cpu_ops`` spreads
+the units over a small pool of Python threads sized by ``torch.get_num_threads()``. numba's own ``parallel=True``
+is not used: its default threading layer (workqueue) terminates the process when two threads enter a parallel
+region at once, and its parallel loops did not vectorise here.
+
+This module holds the numba code only (no torch); ``cpu_ops`` cuts the work into units, runs it on threads and
+registers the custom ops.
 """
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import numba
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
@@ -46,8 +44,6 @@ from numba.extending import intrinsic, overload
 CHUNK = 512  # values per inner chunk: the scratch arrays of a chunk stay in L1
 COPIES = 4  # interleaved copies of the table-gradient cells in the scatter loop
 EXTRA_ROWS = 8  # table rows beyond the G intervals (spline.spline_table)
-UNIT_VALUES = 1 << 15  # about this many values per unit of work (and per partial sum)
-MIN_VALUES_PER_THREAD = 1 << 15  # below this a second thread costs more than it saves
 BASE_CODES = {"silu": 0, "leakyrelu": 1}
 # Fast-math flags: contraction into FMAs, reassociation (vectorised sums) and reciprocals, but not 'nnan'/'ninf':
 # NaN and infinite inputs must behave as on the torch path.
@@ -86,6 +82,64 @@ def _add4(typingctx, dst, i, src, j):
         total = builder.fadd(builder.load(dst_ptr, align=4), builder.load(src_ptr, align=4))
         builder.store(total, dst_ptr, align=4)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _host_has_avx512() -> bool:
+    """Whether the CPU numba compiles for has AVX-512F (numba compiles for the host, and its on-disk cache is keyed
+    by the host CPU and its features, so code compiled here never runs on a CPU without them)."""
+    try:
+        import llvmlite.binding as llvm
+
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # no way to tell: the portable path
+        return False
+
+
+HOST_HAS_AVX512 = _host_has_avx512()
+LANES = 16  # float32 lanes of an AVX-512 register: table rows a permute can look up at once
+
+
+@intrinsic
+def _spline_lanes(typingctx, columns, rows, ts, base_part, out, n):
+    """out[j] = base_part[j] + S(rows[j], ts[j]) for the first ``n - n % 16`` values, 16 at a time, and returns that
+    count (the caller does the rest, and everything when it returns 0). ``columns`` is the spline's table as four
+    16-entry columns (float32, (4, 16), rows past the table zero): each column is looked up for 16 values by one
+    AVX-512 permute (vpermps), where the scalar loop spends 4 loads per value. float32 on AVX-512 hosts only;
+    elsewhere it does nothing and returns 0."""
+    sig = types.intp(columns, rows, ts, base_part, out, n)
+
+    def codegen(context, builder, signature, args):
+        intp = context.get_value_type(types.intp)
+        if not (HOST_HAS_AVX512 and signature.args[0].dtype == types.float32 and signature.args[4].layout == "C"):
+            return ir.Constant(intp, 0)  # no AVX-512, float64, or a strided output (channels_last planes)
+        from numba.core import cgutils
+
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        fvec, ivec = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES)
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fvec, [fvec, ivec]),
+                                                 "llvm.x86.avx512.permvar.sf.512")
+        column = [builder.load(_vector_pointer(context, builder, signature.args[0], args[0],
+                                               ir.Constant(intp, p * LANES), LANES), align=4) for p in range(4)]
+        n_value = args[5]
+        if n_value.type.width < intp.width:
+            n_value = builder.sext(n_value, intp)
+        blocks = builder.sdiv(n_value, ir.Constant(intp, LANES))
+        two = ir.Constant(ivec, [2] * LANES)
+        with cgutils.for_range(builder, blocks) as loop:
+            j = builder.mul(loop.index, ir.Constant(intp, LANES))
+            row = builder.ashr(builder.load(_vector_pointer(context, builder, signature.args[1], args[1], j, LANES),
+                                            align=4), two)  # first table entry / 4: the row
+            t = builder.load(_vector_pointer(context, builder, signature.args[2], args[2], j, LANES), align=4)
+            a = [builder.call(permute, [column[p], row]) for p in range(4)]
+            spline = builder.fadd(a[0], builder.fmul(t, builder.fadd(a[1], builder.fmul(
+                t, builder.fadd(a[2], builder.fmul(t, a[3]))))))
+            base_value = builder.load(_vector_pointer(context, builder, signature.args[3], args[3], j, LANES),
+                                      align=4)
+            builder.store(builder.fadd(base_value, spline),
+                          _vector_pointer(context, builder, signature.args[4], args[4], j, LANES), align=4)
+        return builder.mul(blocks, ir.Constant(intp, LANES))
 
     return sig, codegen
 
@@ -167,8 +221,17 @@ def _spline_slope(table, e, t, two, three):
     return table[e + 1] + (two * table[e + 2] + three * table[e + 3] * t) * t
 
 
+@njit(inline="always", **_FLAGS)
+def _add_spline(table, columns, rows, ts, base_part, out, m):
+    """out[j] = base_part[j] + S(rows[j], ts[j]) for j < m: 16 at a time by permutes where the host allows
+    (``_spline_lanes``), the rest by scalar loads of the table row."""
+    done = _spline_lanes(columns, rows, ts, base_part, out, m) if columns.shape[0] == 4 * LANES else 0
+    for j in range(done, m):
+        out[j] = base_part[j] + _spline(table, rows[j], ts[j])
+
+
 @njit(**_FLAGS)
-def _phi_segment(xs, out, table, wb, k, base, rows, ts):
+def _phi_segment(xs, out, table, columns, wb, k, base, rows, ts, pq):
     """phi of a 1-D segment (contiguous or strided), CHUNK values at a time."""
     n = xs.shape[0]
     lo, inv_h, bottom, top = k[K_LO], k[K_INV_H], k[K_BOTTOM], k[K_TOP]
@@ -182,14 +245,13 @@ def _phi_segment(xs, out, table, wb, k, base, rows, ts):
             e, t = _locate(x, lo, inv_h, bottom, top)
             rows[j] = e
             ts[j] = t
-            oc[j] = wb * _base(x, base, slope, zero, one)[0]
-        for j in range(m):  # the table row of each value
-            oc[j] += _spline(table, rows[j], ts[j])
+            pq[j] = wb * _base(x, base, slope, zero, one)[0]
+        _add_spline(table, columns, rows, ts, pq, oc, m)
 
 
 @njit(**_FLAGS)
-def _grad_segment(xs, gs, gxs, phis, table, wb, k, base, exact, need_x, need_params, need_phi, acc, rows, ts, wq,
-                  gq, gxq, pq):
+def _grad_segment(xs, gs, gxs, phis, table, columns, wb, k, base, exact, need_x, need_params, need_phi, acc, rows,
+                  ts, wq, gq, gxq, pq):
     """dL/dx of a segment into gxs (need_x), its table-gradient cells into ``acc`` (COPIES interleaved copies of
     4 x rows, need_params) and phi into phis (need_phi: the recomputed phi that the layer's weight gradient needs,
     in the same pass); returns its sum g b(x).
@@ -238,9 +300,7 @@ def _grad_segment(xs, gs, gxs, phis, table, wb, k, base, exact, need_x, need_par
             for j in range(m):
                 _add4(acc, rows[j] + (j & (COPIES - 1)) * stride, wq, 4 * j)
         if need_phi:
-            pc = phis[s:s + m]
-            for j in range(m):
-                pc[j] = pq[j] + _spline(table, rows[j], ts[j])
+            _add_spline(table, columns, rows, ts, pq, phis[s:s + m], m)
     return acc_wb
 
 
@@ -258,27 +318,30 @@ def _unit_segments(u, A, C, B, a_block, n_a_blocks, b_block, n_b_blocks):
 
 
 @njit(**_FLAGS)
-def phi_units(x3, out3, tables, wbs, k, base, u0, u1, a_block, n_a_blocks, b_block, n_b_blocks):
-    """phi for units u0..u1 of the (A, C, B) arrays x3 -> out3; tables (C, rows * 4), wbs (C,)."""
+def phi_units(x3, out3, tables, columns, wbs, k, base, u0, u1, a_block, n_a_blocks, b_block, n_b_blocks):
+    """phi for units u0..u1 of the (A, C, B) arrays x3 -> out3; tables (C, rows * 4), columns (C, 64) or (C, 0)
+    (``table_columns``), wbs (C,)."""
     A, C, B = x3.shape
     rows = np.empty(CHUNK, np.int32)
     ts = np.empty(CHUNK, x3.dtype)
+    pq = np.empty(CHUNK, x3.dtype)
     xf = x3.reshape(A * C * B)
     of = out3.reshape(A * C * B)
     for u in range(u0, u1):
         c, a0, a1, b0, b1 = _unit_segments(u, A, C, B, a_block, n_a_blocks, b_block, n_b_blocks)
         table = tables[c]
         if B == 1:  # channels fastest in memory (channels_last): one strided segment of the unit's planes
-            _phi_segment(xf[a0 * C + c:a1 * C:C], of[a0 * C + c:a1 * C:C], table, wbs[c], k, base, rows, ts)
+            _phi_segment(xf[a0 * C + c:a1 * C:C], of[a0 * C + c:a1 * C:C], table, columns[c], wbs[c], k, base, rows, ts,
+                         pq)
         else:
             for a in range(a0, a1):
                 o = (a * C + c) * B
-                _phi_segment(xf[o + b0:o + b1], of[o + b0:o + b1], table, wbs[c], k, base, rows, ts)
+                _phi_segment(xf[o + b0:o + b1], of[o + b0:o + b1], table, columns[c], wbs[c], k, base, rows, ts, pq)
 
 
 @njit(**_FLAGS)
-def grad_units(x3, g3, gx3, phi3, tables, wbs, k, base, exact, need_x, need_params, need_phi, part_table, part_wb,
-               u0, u1, a_block, n_a_blocks, b_block, n_b_blocks):
+def grad_units(x3, g3, gx3, phi3, tables, columns, wbs, k, base, exact, need_x, need_params, need_phi, part_table,
+               part_wb, u0, u1, a_block, n_a_blocks, b_block, n_b_blocks):
     """Gradients for units u0..u1: dL/dx into gx3 (need_x), each unit's table-gradient and sum g b(x) partials
     into part_table[u] (rows * 4) and part_wb[u] (need_params), and phi into phi3 (need_phi). gx3 and phi3 are
     arrays of x3's shape or, when not needed, one-value placeholders that are never written."""
@@ -306,14 +369,14 @@ def grad_units(x3, g3, gx3, phi3, tables, wbs, k, base, exact, need_x, need_para
         wb_sum = k[K_ZERO]
         if B == 1:  # channels_last: one strided segment
             s0, s1 = a0 * C + c, a1 * C
-            wb_sum += _grad_segment(xf[s0:s1:C], gf[s0:s1:C], gxf[s0:s1:C], pf[s0:s1:C], table, wbs[c], k, base,
-                                    exact, need_x, need_params, need_phi, acc, rows, ts, wq, gq, gxq, pq)
+            wb_sum += _grad_segment(xf[s0:s1:C], gf[s0:s1:C], gxf[s0:s1:C], pf[s0:s1:C], table, columns[c], wbs[c],
+                                    k, base, exact, need_x, need_params, need_phi, acc, rows, ts, wq, gq, gxq, pq)
         else:
             for a in range(a0, a1):
                 o = (a * C + c) * B
                 wb_sum += _grad_segment(xf[o + b0:o + b1], gf[o + b0:o + b1], gxf[o + b0:o + b1],
-                                        pf[o + b0:o + b1], table, wbs[c], k, base, exact, need_x, need_params,
-                                        need_phi, acc, rows, ts, wq, gq, gxq, pq)
+                                        pf[o + b0:o + b1], table, columns[c], wbs[c], k, base, exact, need_x,
+                                        need_params, need_phi, acc, rows, ts, wq, gq, gxq, pq)
         if need_params:
             for q in range(cells):
                 total = acc[q]
@@ -333,111 +396,3 @@ def reduce_partials(part_table, part_wb, n_splines, out_table, out_wb):
         for u in range(c * per_spline, (c + 1) * per_spline):
             out_table[c, :] += part_table[u, :]
             out_wb[c] += part_wb[u]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Units and threads
-
-
-def units_for(shape3) -> tuple[int, int, int, int, int]:
-    """(number of units, a_block, n_a_blocks, b_block, n_b_blocks) for an (A, C, B) view: a function of the shape
-    only, so the partial sums, and the gradients, do not depend on the thread count."""
-    A, C, B = shape3
-    if B >= UNIT_VALUES:
-        a_block, b_block = 1, UNIT_VALUES
-    else:
-        a_block, b_block = max(1, UNIT_VALUES // max(B, 1)), max(B, 1)
-    n_a_blocks = max(1, -(-A // a_block))
-    n_b_blocks = max(1, -(-B // b_block))
-    return C * n_a_blocks * n_b_blocks, a_block, n_a_blocks, b_block, n_b_blocks
-
-
-_POOL: dict = {}
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for this process (a forked child, e.g. a data-augmentation worker, makes its
-    own: threads do not survive fork)."""
-    key = (os.getpid(), workers)
-    with _POOL_LOCK:
-        pool = _POOL.get(key)
-        if pool is None:
-            _POOL.clear()
-            pool = _POOL[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="allukan-spline")
-    return pool
-
-
-def split_units(n_units: int, numel: int, threads: int) -> list[tuple[int, int]]:
-    """Contiguous unit ranges, one per thread used (never more threads than pay for themselves)."""
-    workers = max(1, min(threads, n_units, numel // MIN_VALUES_PER_THREAD))
-    step = -(-n_units // workers)
-    return [(u, min(n_units, u + step)) for u in range(0, n_units, step)]
-
-
-def run_ranges(call, ranges):
-    """call(u0, u1) for every range: the first in this thread, the others on the pool; re-raises their errors."""
-    if len(ranges) == 1:
-        call(*ranges[0])
-        return
-    futures = [_pool(len(ranges) - 1).submit(call, *r) for r in ranges[1:]]
-    try:
-        call(*ranges[0])
-    finally:
-        for f in futures:
-            f.result()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Entry points on torch tensors (the custom ops of cpu_ops call these)
-
-
-def _arrays(*tensors):
-    return [t.detach().numpy() for t in tensors]
-
-
-def phi(x3, table, base_weight, lo: float, inv_h: float, base: str, slope: float, out3, threads: int):
-    """Write phi(x3) into out3. x3, out3: contiguous (A, C, B) CPU tensors of the table's dtype (float32/64);
-    table: (C, G + 8, 4); base_weight: (C,)."""
-    if x3.numel() == 0:
-        return out3
-    x, out, tables, wbs = _arrays(x3, out3, table.reshape(table.shape[0], -1), base_weight)
-    k = constants(lo, inv_h, table.shape[1] - EXTRA_ROWS, slope, x.dtype)
-    n_units, *geometry = units_for(x.shape)
-    code = BASE_CODES[base]
-    run_ranges(lambda u0, u1: phi_units(x, out, tables, wbs, k, code, u0, u1, *geometry),
-               split_units(n_units, x.size, threads))
-    return out3
-
-
-def phi_grads(x3, g3, table, base_weight, lo: float, inv_h: float, base: str, slope: float, exact: bool, gx3,
-              need_params: bool, threads: int, phi3=None):
-    """Write dL/dx into gx3 (when given) and phi(x3) into phi3 (when given), and return (dL/dtable,
-    dL/dbase_weight) (None unless need_params). g3 is dL/dphi in x3's layout and dtype."""
-    import torch
-
-    need_x = gx3 is not None
-    C = table.shape[0]
-    grad_table = torch.zeros_like(table) if need_params else None
-    grad_wb = torch.zeros_like(base_weight) if need_params else None
-    need_phi = phi3 is not None
-    if x3.numel() == 0 or not (need_x or need_params or need_phi):
-        return grad_table, grad_wb
-    x, g, tables, wbs = _arrays(x3, g3, table.reshape(C, -1), base_weight)
-    # An output that is not needed is a one-value placeholder of its own (never written): were it x, the
-    # vectoriser's run-time overlap check would fail and every chunk would run the scalar loop.
-    gx = gx3.detach().numpy() if need_x else np.empty(1, x.dtype)
-    phi_out = phi3.detach().numpy() if need_phi else np.empty(1, x.dtype)
-    k = constants(lo, inv_h, table.shape[1] - EXTRA_ROWS, slope, x.dtype)
-    n_units, *geometry = units_for(x.shape)
-    cells = tables.shape[1]
-    part_table = np.empty((n_units if need_params else 0, cells), x.dtype)
-    part_wb = np.empty(n_units if need_params else 0, x.dtype)
-    code = BASE_CODES[base]
-    run_ranges(lambda u0, u1: grad_units(x, g, gx, phi_out, tables, wbs, k, code, exact, need_x, need_params,
-                                         need_phi, part_table, part_wb, u0, u1, *geometry),
-               split_units(n_units, x.size, threads))
-    if need_params:
-        out_table, out_wb = _arrays(grad_table.view(C, -1), grad_wb)
-        reduce_partials(part_table, part_wb, C, out_table, out_wb)
-    return grad_table, grad_wb
