@@ -67,6 +67,30 @@ def bspline_basis(x: torch.Tensor, grid_size: int, grid_range: tuple[float, floa
     return cardinal_cubic_bspline((u.unsqueeze(-1) - centres).abs())
 
 
+_PIECE_MATRICES: dict = {}
+
+
+def _piece_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``_PIECE_POLYNOMIALS / 6`` as a tensor, made once per (dtype, device): building it from Python data on every
+    forward of every KA layer was, on CUDA, a host-to-device copy and a stream sync each (~38 per training step).
+    Not cached while tracing (torch.compile folds it into the graph) nor when the tensor made holds no memory (a
+    fake or meta tensor, e.g. the profiler's FLOP count), and never an inference tensor (a cached one would break a
+    later training step)."""
+    key = (dtype, device)
+    matrix = _PIECE_MATRICES.get(key)
+    if matrix is not None:
+        return matrix
+    if torch.compiler.is_compiling():
+        return torch.tensor(_PIECE_POLYNOMIALS, dtype=dtype, device=device) / 6.0
+    with torch.inference_mode(False):
+        matrix = torch.tensor(_PIECE_POLYNOMIALS, dtype=dtype, device=device) / 6.0
+    from torch._subclasses.fake_tensor import is_fake
+
+    if matrix.device.type != "meta" and not is_fake(matrix):
+        _PIECE_MATRICES[key] = matrix
+    return matrix
+
+
 def spline_table(coef: torch.Tensor) -> torch.Tensor:
     """Per-interval cubic polynomials of the spline ``sum_j coef[..., j] B_j``.
 
@@ -75,7 +99,7 @@ def spline_table(coef: torch.Tensor) -> torch.Tensor:
     and above it, so that a clamp alone finds a value's row.
     Differentiable in ``coef``: gradients reaching the table flow back to the coefficients.
     """
-    pieces = torch.tensor(_PIECE_POLYNOMIALS, dtype=coef.dtype, device=coef.device) / 6.0
+    pieces = _piece_matrix(coef.dtype, coef.device)
     padded = torch.nn.functional.pad(coef, (SPLINE_ORDER, SPLINE_ORDER))
     windows = padded.unfold(-1, SPLINE_ORDER + 1, 1)  # (C, G + 6, 4): c_i .. c_{i+3}
     table = windows @ pieces

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nnunetv2_allukan import KALinear, KAModule, KAonv2d, SharedSplineActivation
 from nnunetv2_allukan.architectures import AllUKAN
 from nnunetv2_allukan.spline import bspline_basis
-from nnunetv2_allukan.trainers.clipping import clip_without, recording_clip_norm
+from nnunetv2_allukan.trainers.clipping import clip_without, recording_clip_norm, summarize_clip_record
 from nnunetv2_allukan.trainers.recipes import (CombinedOptimizer, EpochPolyLRScheduler, SplineParameterGroup,
                                               split_spline_parameters)
 from nnunetv2_allukan.trainers.statistics import (initial_splines, ka_layer_snapshot, parameter_kinds, spline_change,
@@ -280,8 +280,32 @@ def test_recorded_norm_shares_add_up_per_parameter_kind():
     with recording_clip_norm(kinds, record):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1e9)
     total, squared, max_norm = record[0]
-    assert total == pytest.approx(expected, rel=1e-5)
-    assert sum(squared.values()) == pytest.approx(expected ** 2, rel=1e-4)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert sum(float(v) for v in squared.values() if v is not None) == pytest.approx(expected ** 2, rel=1e-4)
+    summary = summarize_clip_record(record, list(kinds))
+    assert summary["steps"] == 1 and summary["skipped_steps"] == 0 and summary["mean"] == pytest.approx(expected,
+                                                                                                      rel=1e-5)
+    assert sum(summary["share_of_squared_norm"].values()) == pytest.approx(1.0)
+
+
+def test_steps_with_a_non_finite_norm_are_counted_as_skipped_not_averaged():
+    """With fp16, GradScaler skips a step whose gradients hold inf (routine in the first iterations): its norm is
+    inf, and averaging it would make the epoch's mean and max inf and its shares NaN."""
+    net = _tiny_allukan()
+    kinds = parameter_kinds(net)
+    record = []
+    with recording_clip_norm(kinds, record):
+        for poison in (False, True, False):
+            net.zero_grad()
+            net(torch.randn(2, 1, 16, 16)).square().mean().backward()
+            if poison:
+                next(iter(net.parameters())).grad.view(-1)[0] = float("inf")
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
+    summary = summarize_clip_record(record, list(kinds))
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 1
+    assert summary["mean"] == pytest.approx((float(record[0][0]) + float(record[2][0])) / 2)
+    assert all(v == v for v in summary["share_of_squared_norm"].values())
+    assert sum(summary["share_of_squared_norm"].values()) == pytest.approx(1.0)
 
 
 def test_spline_max_slope_matches_autograd_derivative():
@@ -349,7 +373,7 @@ def test_statistics_file_and_log_line_per_epoch(nnunet, monkeypatch):
     start = torch.load(out / "ka_initial_splines.pt", weights_only=True)
     assert set(start) == set(ka_layers) and entries[0]["layers"][name]["coef_norm"] != pytest.approx(0.0)
     g = last["grad_norm"]
-    assert g["steps"] == 3 and 0.0 <= g["clipped_fraction"] <= 1.0
+    assert g["steps"] == 3 and g["skipped_steps"] == 0 and 0.0 <= g["clipped_fraction"] <= 1.0
     assert g["share_of_squared_norm"]["spline_coef"] == 0.0  # left out of the clip by this recipe
     assert sum(g["share_of_squared_norm"].values()) == pytest.approx(1.0)
     log = "".join(p.read_text() for p in out.glob("training_log_*.txt"))
@@ -362,6 +386,18 @@ def test_statistics_file_and_log_line_per_epoch(nnunet, monkeypatch):
         assert set(ka_layers) - set(fidelity["per_layer"]) == {"decoder.seg_layers.0"}
         assert all(-1.0 - 1e-9 <= v <= 1.0 + 1e-9 for v in fidelity["per_layer"].values())
     assert log.count("Grad-Free Spline fidelity on the last batch") == 2
+    # A fresh run in the same fold folder starts fresh statistics and a fresh starting point (not the old run's).
+    plans["continue_training"] = False
+    doctored = {k: {"coef": v["coef"] + 1.0, "base_weight": v["base_weight"]} for k, v in start.items()}
+    torch.save(doctored, out / "ka_initial_splines.pt")  # as if another run had started from elsewhere
+    again = nnUNetTrainerAllUKAN_splineAdamNoClip(plans, "2d", 0, load_json(str(pre / "dataset.json")),
+                                                  device=torch.device("cpu"))
+    again.num_epochs, again.num_iterations_per_epoch, again.num_val_iterations_per_epoch = 1, 2, 1
+    again.run_training()
+    entries = [json.loads(line) for line in (out / "ka_statistics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in entries] == [0]
+    restart = torch.load(out / "ka_initial_splines.pt", weights_only=True)
+    assert not torch.equal(restart[name]["coef"], doctored[name]["coef"])  # the new run's own initialisation
 
 
 def test_combined_optimizer_under_nnunets_grad_scaler_steps_as_without_and_skips_on_inf():

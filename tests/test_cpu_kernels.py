@@ -388,3 +388,15 @@ def test_forked_child_runs_the_kernels():
     finally:
         torch.set_num_threads(threads)
     assert os.read(read, 1) == b"1"
+
+
+def test_availability_decided_inside_a_fake_tensor_mode():
+    """The first KA layer of a process may be built inside a FakeTensorMode (the profiler counts FLOPs on fake
+    tensors): the kernels' smoke test must not see fake tensors there and fall back."""
+    code = ("from torch._subclasses.fake_tensor import FakeTensorMode\n"
+            "from nnunetv2_allukan import kernels\n"
+            "from nnunetv2_allukan.layers import KAonv2d\n"
+            "with FakeTensorMode():\n    KAonv2d(2, 2, 3)\n"
+            "print(kernels.cpu_kernels_status()['available'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "True"

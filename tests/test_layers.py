@@ -282,14 +282,18 @@ def test_fused_layer_under_bf16_autocast_follows_torch_dtype_rules():
 
 
 def test_layer_benchmark_rows_show_the_memory_claims():
-    """bench-layers at a toy size: a fused KAonv keeps half of Conv2d+GELU (x only), the per-edge KAN far more."""
-    from nnunetv2_allukan.tools.bench_layers import markdown_table, run as bench
+    """bench-layers at a toy size: a fused KAonv keeps half of Conv+LeakyReLU (x only) on every backend, the per-edge
+    KAN far more."""
+    from nnunetv2_allukan.tools.bench_layers import BASELINE, backends_for, markdown_table, run as bench
     rows = bench(batch=1, channels=4, size=32, repeats=1, compiled=False, reference=True, reference_size=6)
     eager = {r["layer"]: r for r in rows if r["mode"] == "eager" and r["input"][-1] == 32}
-    assert set(eager) == {"Conv2d+GELU", "KAonv2d free/layer", "KAonv2d free/channel", "KAonv2d exact/layer",
-                          "KAonv2d exact/channel"}
+    ka_rows = {f"KAonv2d {g}/{s} [{b}]" for b in backends_for("cpu") for g in ("free", "exact")
+               for s in ("layer", "channel")}
+    assert set(eager) == {BASELINE, "Conv+GELU"} | ka_rows
     for name, r in eager.items():
-        assert r["saved_ratio"] == pytest.approx(1.0 if name == "Conv2d+GELU" else 0.5, abs=0.05), name
+        assert r["saved_ratio"] == pytest.approx(1.0 if name.startswith("Conv") else 0.5, abs=0.05), name
     reference = next(r for r in rows if r["layer"] == "KANConv2d (reference)")
     assert reference["saved_ratio"] > 5
     assert "KANConv2d (reference)" in markdown_table(rows)
+    rows3d = bench(batch=1, channels=4, size=8, repeats=1, reference=False, dim=3)
+    assert {r["layer"] for r in rows3d} == {BASELINE, "Conv+GELU"} | {n.replace("2d", "3d") for n in ka_rows}

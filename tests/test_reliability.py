@@ -307,3 +307,26 @@ def test_cli_user_errors_are_one_line(nnunet, tmp_path):
     proc = run(["nnunetv2-allukan", "crossval", "-d", D2, "-c", "2d", "-tr", SMOKE, "--collect-only"], no_results,
                expect_ok=False)
     assert proc.returncode == 2 and "nnUNet_results is not set" in proc.stderr
+
+
+def test_checkpoint_guard_reraises_what_is_not_a_mismatch():
+    """Out of memory, or any error while the trainer has no optimizer yet (its initialisation failed), comes out
+    unchanged: not explained away as a checkpoint mismatch, nor hidden behind an AttributeError."""
+    from nnunetv2_allukan.trainers.guards import CheckpointMismatchMessage
+
+    class Base:
+        def __init__(self, error, optimizer=None):
+            self.error, self.optimizer = error, optimizer
+
+        def load_checkpoint(self, filename_or_checkpoint):
+            raise self.error
+
+    class Trainer(CheckpointMismatchMessage, Base):
+        pass
+
+    for error, optimizer in ((torch.OutOfMemoryError("CUDA out of memory"), torch.optim.SGD([torch.zeros(1)], 0.1)),
+                             (RuntimeError("Error(s) in loading state_dict: size mismatch"), None),
+                             (ValueError("something else"), torch.optim.SGD([torch.zeros(1)], 0.1))):
+        with pytest.raises(type(error)) as raised:
+            Trainer(error, optimizer).load_checkpoint({})
+        assert raised.value is error

@@ -228,3 +228,40 @@ def test_wrong_channel_count():
     act = SharedSplineActivation(num_channels=3, share="channel")
     with pytest.raises(ValueError, match="3 channels"):
         act(torch.randn(2, 4, 5))
+
+
+def test_no_tensor_is_built_from_python_data_in_a_ka_forward(monkeypatch):
+    """On CUDA a tensor built from Python data is a host-to-device copy and a stream sync: a KA layer's forward and
+    backward must build none once warmed up (the spline table's piece matrix is cached per dtype and device)."""
+    from nnunetv2_allukan.layers import KAonv2d
+
+    layer = KAonv2d(3, 4, 3, padding=1, share="channel")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    layer(x).sum().backward()  # warm-up
+    built = []
+    original = torch.tensor
+
+    def counting_tensor(*args, **kwargs):
+        built.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert built == []
+
+
+def test_piece_matrix_cache_keeps_no_fake_or_inference_tensor():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from nnunetv2_allukan import spline
+
+    spline._PIECE_MATRICES.clear()
+    with FakeTensorMode():
+        spline.spline_table(torch.zeros(1, 8, dtype=torch.float64))
+    assert spline._PIECE_MATRICES == {}
+    with torch.inference_mode():
+        spline.spline_table(torch.zeros(1, 8, dtype=torch.float64))
+    coef = torch.randn(1, 8, dtype=torch.float64, requires_grad=True)
+    spline.spline_table(coef).sum().backward()  # would fail on a cached inference tensor
+    assert coef.grad is not None and not spline._PIECE_MATRICES[(torch.float64, torch.device("cpu"))].is_inference()

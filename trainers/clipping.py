@@ -48,7 +48,9 @@ def clip_without(parameters_to_skip):
 def recording_clip_norm(kinds: dict[str, list[torch.Tensor]], record: list):
     """Within the block, every clip call also appends (total norm before clipping, {kind: squared norm}, max_norm).
 
-    ``kinds`` maps a name to the parameters of that kind; only parameters the clip actually sees are counted.
+    ``kinds`` maps a name to the parameters of that kind; only parameters the clip actually sees are counted. The
+    norms stay tensors on the gradients' device (0-dim; None for a kind without gradients): reading them here would
+    be several host-device syncs per training step on a GPU. ``summarize_clip_record`` reads them all at once.
     """
     def make(original):
         def clip(parameters, max_norm, *args, **kwargs):
@@ -56,10 +58,12 @@ def recording_clip_norm(kinds: dict[str, list[torch.Tensor]], record: list):
             seen_ids = {id(p) for p in seen}
             squared = {}
             for kind, params in kinds.items():
-                grads = [p.grad.detach().float() for p in params if id(p) in seen_ids and p.grad is not None]
-                squared[kind] = float(sum((g * g).sum() for g in grads)) if grads else 0.0
+                grads = [p.grad.detach() for p in params if id(p) in seen_ids and p.grad is not None]
+                squared[kind] = (torch.stack(torch._foreach_norm(grads)).float().square().sum() if grads
+                                 else None)
             total = original(seen, max_norm, *args, **kwargs)
-            record.append((float(total), squared, float(max_norm)))
+            total = total.detach().float() if torch.is_tensor(total) else torch.tensor(float(total))
+            record.append((total, squared, float(max_norm)))
             return total
         return clip
 
@@ -67,4 +71,30 @@ def recording_clip_norm(kinds: dict[str, list[torch.Tensor]], record: list):
         yield
 
 
-__all__ = ["clip_without", "recording_clip_norm"]
+def summarize_clip_record(record: list, kinds) -> dict:
+    """One epoch's record as numbers (one host read): mean and max of the total norm, the fraction of steps the clip
+    engaged, each kind's share of the squared norm, and the steps whose norm was not finite (``skipped_steps``:
+    with fp16 GradScaler skips such a step, routinely in the first iterations) left out of all of those."""
+    if not record:
+        return {"mean": float("nan"), "max": float("nan"), "steps": 0, "skipped_steps": 0,
+                "clipped_fraction": float("nan"), "share_of_squared_norm": {k: 0.0 for k in kinds}}
+    values = [r[0].reshape(()).cpu() for r in record]
+    for r in record:
+        values += [(v if v is not None else torch.zeros(())).reshape(()).cpu() for v in r[1].values()]
+    flat = torch.stack(values).tolist()
+    totals, per_kind = flat[:len(record)], flat[len(record):]
+    rows = [dict(zip(record[i][1], per_kind[i * len(kinds):(i + 1) * len(kinds)])) for i in range(len(record))]
+    finite = [i for i, t in enumerate(totals) if t == t and abs(t) != float("inf")]
+    if not finite:
+        return {"mean": float("nan"), "max": float("nan"), "steps": 0, "skipped_steps": len(record),
+                "clipped_fraction": float("nan"), "share_of_squared_norm": {k: 0.0 for k in kinds}}
+    kept = [totals[i] for i in finite]
+    squared_sum = {k: sum(rows[i].get(k, 0.0) for i in finite) for k in kinds}
+    all_squared = sum(squared_sum.values()) or 1.0
+    return {"mean": sum(kept) / len(kept), "max": max(kept), "steps": len(kept),
+            "skipped_steps": len(record) - len(kept),
+            "clipped_fraction": sum(totals[i] > record[i][2] for i in finite) / len(kept),
+            "share_of_squared_norm": {k: v / all_squared for k, v in squared_sum.items()}}
+
+
+__all__ = ["clip_without", "recording_clip_norm", "summarize_clip_record"]

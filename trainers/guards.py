@@ -111,6 +111,8 @@ class CheckpointMismatchMessage:
         try:
             super().load_checkpoint(filename_or_checkpoint)
         except (RuntimeError, ValueError, KeyError) as e:
+            if not _is_checkpoint_mismatch(e) or getattr(self, "optimizer", None) is None:
+                raise  # out of memory, a broken file, an initialisation that failed: the real cause, unchanged
             checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
                 torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
             if isinstance(e, RuntimeError) and "state_dict" in str(e):
@@ -120,6 +122,20 @@ class CheckpointMismatchMessage:
                 raise
             raise RuntimeError(describe_optimizer_mismatch(checkpoint, saved, ours, type(self).__name__,
                                                            self.output_folder)) from e
+
+
+def _is_checkpoint_mismatch(error: BaseException) -> bool:
+    """Whether ``error`` is what torch raises when a checkpoint's weights or optimizer state do not fit: a
+    state_dict size/key mismatch (RuntimeError), an optimizer's parameter-group mismatch (ValueError) or a missing
+    entry (KeyError). Anything else (out of memory above all) is not explained away as a mismatch."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    message = str(error)
+    if isinstance(error, KeyError):
+        return True
+    if isinstance(error, ValueError):
+        return any(s in message for s in ("parameter group", "state dict", "optimizer state"))
+    return "state_dict" in message or "size mismatch" in message
 
 
 def describe_state_dict_mismatch(checkpoint: dict, network: torch.nn.Module, label_manager) -> str:

@@ -12,12 +12,17 @@ epoch, and a norm per parameter group each iteration). Per epoch it appends one 
 * the global gradient norm that nnU-Net's ``clip_grad_norm_(…, 12)`` sees (before clipping), how often it exceeds
   the clip, and each parameter kind's share of the squared norm (spline coefficients, base weights, conv/linear
   weights, biases, normalisation) — which groups dominate the norm;
-* at the first, middle and last epoch: the gradient fidelity of the Grad-Free Spline on that epoch's last training
-  batch (cosine of free and exact gradients, overall and per layer; two extra forward+backward passes), so the
-  bias is known along a real run, not only at initialisation.
+* at the first, middle and last epoch: the gradient fidelity of the Grad-Free Spline on two samples of that
+  epoch's last training batch, under the run's autocast (cosine of free and exact gradients, overall and per layer;
+  two extra forward+backward passes), so the bias is known along a real run, not only at initialisation.
+
+On a GPU the per-step statistics stay on the device (norms and outside-grid fractions as tensors, read once per
+epoch), and a step whose gradient norm is not finite (fp16 GradScaler skips it) is counted as ``skipped_steps``
+and left out of the norm statistics.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics as stats
@@ -28,7 +33,7 @@ from nnunetv2_allukan.fidelity import gradient_fidelity
 from nnunetv2_allukan.layers import KAModule
 from nnunetv2_allukan.spline import bspline_basis
 
-from .clipping import recording_clip_norm
+from .clipping import recording_clip_norm, summarize_clip_record
 
 NNUNET_CLIP_NORM = 12.0
 INITIAL_SPLINES_FILE = "ka_initial_splines.pt"
@@ -103,28 +108,39 @@ class KAStatistics:
 
     def on_train_start(self):
         super().on_train_start()
-        # phi's starting point: written once per fold folder (rank 0), read back by a continued run.
+        # phi's starting point, per fold folder (rank 0): a fresh run (epoch 0) writes it, and starts a fresh
+        # statistics file; a run continued with --c reads both back and appends. (A fresh run in an old fold folder
+        # must not measure spline_change from another run's start, nor follow another run's lines.)
         path = os.path.join(self.output_folder, INITIAL_SPLINES_FILE)
-        if os.path.isfile(path):
-            self._initial_splines = torch.load(path, weights_only=True)
-        elif self.current_epoch > 0:  # continued from a checkpoint written before this file existed: no start known
-            self._initial_splines = None
-        else:
+        if self.current_epoch == 0:
             self._initial_splines = initial_splines(self._statistics_network())
             if self.local_rank == 0:
                 torch.save(self._initial_splines, path)
+                open(os.path.join(self.output_folder, self.statistics_file), "w").close()
+        elif os.path.isfile(path):
+            self._initial_splines = torch.load(path, weights_only=True)
+        else:  # continued from a checkpoint written before this file existed: no start known
+            self._initial_splines = None
+        # Hooks registered once (adding and removing them every epoch would make torch.compile recompile); they
+        # measure only while _outside_pending is set, i.e. on an epoch's first training iteration.
+        self._outside, self._outside_pending = {}, False
+        self._outside_hooks = [module.register_forward_pre_hook(self._outside_hook(name))
+                               for name, module in self._statistics_network().named_modules()
+                               if isinstance(module, KAModule)]
+
+    def on_train_end(self):
+        for handle in getattr(self, "_outside_hooks", []):
+            handle.remove()
+        self._outside_hooks = []
+        super().on_train_end()
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self._clip_record = []
         self._outside = {}
-        self._outside_hooks = []
-        net = self._statistics_network()
+        self._outside_pending = True
         # The parameters do not change within an epoch: group them once here, not in every train_step.
-        self._parameter_kinds = parameter_kinds(net)
-        for name, module in net.named_modules():
-            if isinstance(module, KAModule):
-                self._outside_hooks.append(module.register_forward_pre_hook(self._outside_hook(name)))
+        self._parameter_kinds = parameter_kinds(self._statistics_network())
 
     def _statistics_network(self) -> torch.nn.Module:
         net = self.network.module if self.is_ddp else self.network
@@ -132,18 +148,17 @@ class KAStatistics:
 
     def _outside_hook(self, name):
         def hook(module, args):
-            lo, hi = module.activation.grid_range
-            x = args[0].detach()
-            self._outside[name] = float(((x < lo) | (x > hi)).float().mean())
+            if self._outside_pending:  # a tensor: read at the epoch's end, not here (a host sync per layer)
+                lo, hi = module.activation.grid_range
+                x = args[0].detach()
+                self._outside[name] = ((x < lo) | (x > hi)).float().mean()
         return hook
 
     def train_step(self, batch: dict) -> dict:
         self._last_batch = batch  # a reference only: the gradient-fidelity check reuses the epoch's last batch
         with recording_clip_norm(self._parameter_kinds, self._clip_record):
             result = super().train_step(batch)
-        for handle in self._outside_hooks:  # the first iteration of an epoch is sample enough
-            handle.remove()
-        self._outside_hooks = []
+        self._outside_pending = False  # the first iteration of an epoch is sample enough
         return result
 
     def on_train_epoch_end(self, train_outputs):
@@ -174,26 +189,36 @@ class KAStatistics:
     def fidelity_epochs(self) -> set[int]:
         return {0, self.num_epochs // 2, self.num_epochs - 1}
 
+    # Samples of the batch the fidelity probe uses: two extra forward+backward passes on the full batch would need
+    # about twice the activation memory nnU-Net sized the batch for.
+    fidelity_samples = 2
+
     def _gradient_fidelity(self, batch: dict) -> dict:
+        """Free against exact gradients on the first ``fidelity_samples`` samples of ``batch``, under the run's own
+        autocast (nnU-Net's fp16 on CUDA)."""
         net = self._statistics_network()
-        data = batch["data"].to(self.device, non_blocking=True)
+        n = self.fidelity_samples
+        data = batch["data"][:n].to(self.device, non_blocking=True)
         target = batch["target"]
-        target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
-        result = gradient_fidelity(net, data, lambda out: self.loss(out, target))
-        return {"overall": result["overall"], "per_layer": result["per_layer"]}
+        target = [t[:n].to(self.device) for t in target] if isinstance(target, list) else target[:n].to(self.device)
+        autocast = torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
+            else contextlib.nullcontext()
+
+        def loss(out):
+            with autocast:
+                return self.loss(out, target)
+
+        with autocast:
+            result = gradient_fidelity(net, data, loss)
+        return {"overall": result["overall"], "per_layer": result["per_layer"], "samples": int(data.shape[0])}
 
     def ka_statistics_entry(self) -> dict:
         layers = ka_layer_snapshot(self._statistics_network(), getattr(self, "_initial_splines", None))
+        outside = {name: float(v) for name, v in self._outside.items()}
         for name, layer in layers.items():
-            layer["outside_grid"] = self._outside.get(name, float("nan"))
-        record = self._clip_record or [(float("nan"), {k: 0.0 for k in PARAMETER_KINDS}, NNUNET_CLIP_NORM)]
-        totals = [r[0] for r in record]
-        squared_sum = {k: sum(r[1][k] for r in record) for k in PARAMETER_KINDS}
-        all_squared = sum(squared_sum.values()) or 1.0
+            layer["outside_grid"] = outside.get(name, float("nan"))
         return {"epoch": int(self.current_epoch),
-                "grad_norm": {"mean": stats.fmean(totals), "max": max(totals), "steps": len(record),
-                              "clipped_fraction": sum(t > r[2] for t, r in zip(totals, record)) / len(record),
-                              "share_of_squared_norm": {k: v / all_squared for k, v in squared_sum.items()}},
+                "grad_norm": summarize_clip_record(self._clip_record, PARAMETER_KINDS),
                 "layers": layers}
 
 

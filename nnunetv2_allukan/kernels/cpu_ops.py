@@ -210,24 +210,45 @@ def _(x, grad_phi, table, base_weight, lo, inv_h, channel_dim, base, leaky_slope
 
 def smoke_test():
     """Compile (or load from numba's cache) the float32 kernels and check them on a few values against the
-    closed-form spline and autograd; raises if they disagree (``kernels.cpu_kernels_available`` then falls back)."""
+    closed-form spline; raises if they disagree (``kernels.cpu_kernels_available`` then falls back). numpy only: it
+    may run inside a FakeTensorMode or a meta-device context (a network built for FLOP counting), where torch
+    tensors hold no values."""
     lo, hi, grid = -3.0, 3.0, 5
     inv_h = grid / (hi - lo)
-    x = torch.linspace(-5.0, 5.0, 41).reshape(1, 1, 41)
-    coef = torch.linspace(-1.0, 1.0, spline.num_bases(grid)).reshape(1, -1)
-    table = spline.spline_table(coef)
-    base_weight = torch.ones(1)
-    phi = spline_phi_cpu(x, table, base_weight, lo, inv_h, None, "silu", 0.01, torch.float32)
-    columns = [coef[0, j] for j in range(coef.shape[1])]
-    x_ref = x.detach().clone().requires_grad_()
-    reference = torch.nn.functional.silu(x_ref) + spline.spline_on_the_fly((x_ref - lo) * inv_h, columns)
-    grad_x, _, grad_wb, phi_again = spline_phi_backward_cpu(x, torch.ones_like(x), table, base_weight, lo, inv_h,
-                                                            None, "silu", 0.01, True, True, True, torch.float32)
-    reference.sum().backward()
-    checks = {"phi": (phi, reference.detach()), "phi in backward": (phi_again, reference.detach()),
-              "dphi/dx": (grad_x, x_ref.grad),
-              "dphi/dw_b": (grad_wb, torch.nn.functional.silu(x).sum().reshape(1))}
+    x = np.linspace(-5.0, 5.0, 41, dtype=np.float32)
+    coef = np.linspace(-1.0, 1.0, grid + 3)
+    pieces = np.array(spline._PIECE_POLYNOMIALS) / 6.0
+    padded = np.concatenate([np.zeros(3), coef, np.zeros(3)])
+    table = np.zeros((grid + cpu_spline.EXTRA_ROWS, 4))
+    table[1:-1] = np.stack([padded[i:i + 4] for i in range(grid + 6)]) @ pieces
+    tables = table.reshape(1, -1).astype(np.float32)
+    columns = np.zeros((1, 0), np.float32)
+    if cpu_spline.HOST_HAS_AVX512:
+        columns = np.zeros((1, 4, cpu_spline.LANES), np.float32)
+        columns[0, :, :table.shape[0]] = table.T
+        columns = columns.reshape(1, -1)
+    wbs = np.ones(1, np.float32)
+    k = cpu_spline.constants(lo, inv_h, grid, 0.01, np.float32)
+    x3 = x.reshape(1, 1, -1)
+    n_units, *geometry = units_for(x3.shape)
+    phi = np.empty_like(x3)
+    cpu_spline.phi_units(x3, phi, tables, columns, wbs, k, 0, 0, n_units, *geometry)
+    grad_x, phi_again = np.empty_like(x3), np.empty_like(x3)
+    part_table = np.empty((n_units, tables.shape[1]), np.float32)
+    part_wb = np.empty(n_units, np.float32)
+    cpu_spline.grad_units(x3, np.ones_like(x3), grad_x, phi_again, tables, columns, wbs, k, 0, True, True, True,
+                          True, part_table, part_wb, 0, n_units, *geometry)
+    u = (x.astype(np.float64) - lo) * inv_h
+    r = np.abs(u[:, None] - (np.arange(grid + 3) - 1.0))
+    basis = np.where(r < 1, (4 - 6 * r ** 2 + 3 * r ** 3) / 6, np.clip(2 - r, 0, None) ** 3 / 6)
+    r_slope = u[:, None] - (np.arange(grid + 3) - 1.0)
+    slope = np.where(np.abs(r_slope) < 1, (-12 * r_slope + 9 * r_slope * np.abs(r_slope)) / 6,
+                     -np.sign(r_slope) * np.clip(2 - np.abs(r_slope), 0, None) ** 2 / 2) * inv_h
+    sig = 1 / (1 + np.exp(-x.astype(np.float64)))
+    silu = x * sig
+    checks = {"phi": (phi.ravel(), silu + basis @ coef), "phi in backward": (phi_again.ravel(), silu + basis @ coef),
+              "dphi/dx": (grad_x.ravel(), sig + silu * (1 - sig) + slope @ coef), "dphi/dw_b": (part_wb, silu.sum())}
     for name, (got, want) in checks.items():
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"the CPU kernels' {name} disagrees with the closed form by "
-                               f"{(got - want).abs().max().item():.3g}")
+                               f"{np.abs(got - want).max():.3g}")

@@ -21,7 +21,9 @@ smaller size is compared there against all others, in a second table.
 
 Rows (``--rows``):
   cnn         PlainConvUNet, nnU-Net's CNN (the plans' own dynamic-network-architectures class, if any)
-  free        AllUKAN, Grad-Free Spline (the paper's); the basis is recomputed in backward
+  free        AllUKAN, Grad-Free Spline (the paper's); the basis is recomputed in backward; the spline runs on the
+              device's kernels (numba on the CPU, Triton on CUDA)
+  free-torch  ``free`` with the spline on the torch path (the reference implementation, no kernels)
   exact       AllUKAN, exact spline gradient; the basis is recomputed in backward
   dense       AllUKAN, exact gradient by plain autograd through the dense B-spline basis (no recompute)
   dense-ckpt  ``dense`` with torch.utils.checkpoint around every encoder and decoder stage

@@ -33,12 +33,16 @@ class Variant:
     dense_basis: bool = False
     checkpoint_stages: bool = False
     unfused: bool = False
+    spline_backend: str | None = None  # None: "auto" (the kernels of the device: numba on CPU, Triton on CUDA)
 
 
 VARIANTS = [
     Variant("cnn", "PlainConvUNet", PLAIN_CONV_UNET, "nnU-Net's CNN (stock nnUNetTrainer)"),
     Variant("free", "AllUKAN free", ALLUKAN, "Grad-Free Spline, basis recomputed in backward",
             {"spline_grad": "free"}),
+    Variant("free-torch", "AllUKAN free, torch path", ALLUKAN,
+            "as free, with the spline on the torch path instead of the device's kernels", {"spline_grad": "free"},
+            spline_backend="torch"),
     Variant("exact", "AllUKAN exact", ALLUKAN, "exact spline gradient, basis recomputed in backward",
             {"spline_grad": "exact"}),
     Variant("dense", "AllUKAN dense basis", ALLUKAN, "exact gradient, plain autograd through the dense basis",
@@ -101,6 +105,10 @@ def build_network(variant: Variant, cfg: NetworkConfig, ka_kwargs: dict | None =
         checkpoint_every_stage(network)
     if variant.unfused:
         unfuse_ka_layers(network)
+    if variant.spline_backend is not None:
+        for module in network.modules():
+            if isinstance(module, SharedSplineActivation):
+                module.backend = variant.spline_backend
     return network
 
 
