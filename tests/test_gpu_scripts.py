@@ -84,3 +84,28 @@ def test_gpu_profile_keeps_time_for_the_report(tmp_path):
     log = (out / "gpu_log.txt").read_text()
     assert log.count("skipped") == 2 and "gpu_kernels.py --device cpu" in log, log
     assert (out / "gpu_report.md").exists() and (out / "gpu_report.json").exists()
+
+
+def test_kernel_sass_reads_the_compiled_backward_kernel(tmp_path):
+    """benchmarks/kernel_sass.py compiles a kernel for sm_90 on the CPU (triton's compiler, ptxas and cuobjdump from
+    the wheel) and reads its loop, registers and barriers; run in a subprocess, because it must import triton
+    without TRITON_INTERPRET (which this test session sets). Fails if the tools are missing or the listing cannot be
+    parsed."""
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton")
+    out = tmp_path / "sass.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--arch", "90", "--share", "layer",
+                    "--dtype", "fp16", "--json", str(out), "--workdir", str(tmp_path)], check=True, env=env,
+                   capture_output=True, text=True, timeout=600)
+    records = {r["kernel"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"forward", "backward"}
+    backward = records["backward"]
+    for key in ("loop_instructions_per_element", "registers", "loop_barriers", "spills"):
+        assert key in backward
+    assert backward["arch"] == 90 and backward["share"] == "layer" and backward["dtype"] == "fp16"
+    assert backward["loop_instructions"] > 50 and 0 < backward["registers"] <= 255  # a loop was found and read
+    assert records["forward"]["loop_instructions_per_element"] > 0

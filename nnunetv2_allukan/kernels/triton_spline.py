@@ -36,6 +36,7 @@ EXTRA_ROWS = 8
 # a function of the shape only (not of the GPU), so the reduction order, and the result, are reproducible.
 TARGET_PROGRAMS = 1024
 BASE_CODES = {"silu": 0, "leakyrelu": 1}
+PHI_BLOCK = 1024  # values per program of the forward kernel
 _MAX_ELEMENTS = 2 ** 30  # int32 offsets, with room for the last tile's overhang
 
 
@@ -179,9 +180,8 @@ def phi(x3: torch.Tensor, table: torch.Tensor, base_weight: torch.Tensor, params
         return out3
     _, C, B = x3.shape
     grid_size = table.shape[1] - EXTRA_ROWS
-    block = 1024
-    _phi_kernel[(triton.cdiv(numel, block),)](x3, table, base_weight, params, out3, numel, C, B, GRID=grid_size,
-                                             BASE=BASE_CODES[base], PER_CHANNEL=C > 1, BLOCK=block)
+    _phi_kernel[(triton.cdiv(numel, PHI_BLOCK),)](x3, table, base_weight, params, out3, numel, C, B, GRID=grid_size,
+                                                 BASE=BASE_CODES[base], PER_CHANNEL=C > 1, BLOCK=PHI_BLOCK)
     return out3
 
 
