@@ -11,6 +11,9 @@
 #   torch     the same networks eager with the spline on the torch path (ALLUKAN_SPLINE_BACKEND=torch)
 #   compiled  the same networks under torch.compile, in their own runs (a compilation cut off by its time limit
 #             loses only these numbers)
+#   syncs     benchmarks/gpu_syncs.py: host-device synchronisations in one training step, AllUKAN and the CNN
+#   sass      benchmarks/kernel_sass.py: the kernels' machine code (instructions per value, barriers, registers) of
+#             this triton version, next to the timings it should explain
 #
 # Every part has a time limit, and all parts together stop BUDGET seconds (default 540) after the start, keeping
 # the last REPORT_S (20) for the report, which is therefore always written. PARTS selects parts (default: all, in
@@ -25,7 +28,7 @@ OUT=${OUT:-gpu_profile}
 WORK=${WORK:-$(mktemp -d)}
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-0}
-PARTS=${PARTS:-tests kernels p2d p3d torch compiled}
+PARTS=${PARTS:-tests kernels syncs p2d p3d torch compiled sass}
 BUDGET=${BUDGET:-540}
 REPORT_S=${REPORT_S:-20}
 DEADLINE=$(( SECONDS + BUDGET - REPORT_S ))
@@ -68,12 +71,14 @@ PROFILE=(nnunetv2-allukan profile --device "$DEVICE" --max-seconds 60)
 
 wants tests && part 110 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
 wants kernels && part 50 python3 benchmarks/gpu_kernels.py --device "$DEVICE" --out "$WORK/kernels" "${KERNELS[@]}"
+wants syncs && part 40 python3 benchmarks/gpu_syncs.py --device "$DEVICE" --json "$OUT/gpu_syncs.json"
 wants p2d && part 60 "${PROFILE[@]}" "${P2D[@]}" --rows cnn,free,exact --out "$WORK/p2d_triton"
 wants p3d && part 75 "${PROFILE[@]}" "${P3D[@]}" --rows cnn,free,exact --out "$WORK/p3d_triton"
 if wants torch; then
     wants p2d && part 45 env ALLUKAN_SPLINE_BACKEND=torch "${PROFILE[@]}" "${P2D[@]}" --rows cnn,free --out "$WORK/p2d_torch"
     wants p3d && part 45 env ALLUKAN_SPLINE_BACKEND=torch "${PROFILE[@]}" "${P3D[@]}" --rows cnn,free --out "$WORK/p3d_torch"
 fi
+wants sass && part 40 env -u TRITON_INTERPRET python3 benchmarks/kernel_sass.py --arch 90 80 --json "$OUT/kernel_sass.json"
 if wants compiled; then
     wants p2d && part 90 "${PROFILE[@]}" "${P2D[@]}" --rows cnn,free "${COMPILE[@]}" --out "$WORK/p2d_triton_compiled"
     wants p3d && part 90 "${PROFILE[@]}" "${P3D[@]}" --rows cnn,free "${COMPILE[@]}" --out "$WORK/p3d_triton_compiled"

@@ -112,22 +112,21 @@ def compile_report(kernel_name: str, share: str, dtype: str, arch: int, grid_siz
     ``triton_spline`` would, and read its machine code."""
     per_channel = share != "layer"
     data = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
-    rows = grid_size + triton_spline.EXTRA_ROWS
     if kernel_name == "forward":
         kernel = triton_spline._phi_kernel
         pointer_types = {"x_ptr": data, "table_ptr": "*fp32", "wb_ptr": "*fp32", "params_ptr": "*fp32",
                          "out_ptr": data}
-        constants = {"GRID": grid_size, "BASE": 0, "PER_CHANNEL": per_channel, "BLOCK": triton_spline.PHI_BLOCK}
+        constants = {"GRID": grid_size, "BASE": 0, "PER_CHANNEL": per_channel, "PLANES": per_channel,
+                     "BLOCK": triton_spline.PHI_BLOCK}
         values_per_trip = triton_spline.PHI_BLOCK
     else:
-        kernel = triton_spline._grad_kernel
+        kernel = triton_spline._grad_kernel_rows
         pointer_types = {"x_ptr": data, "g_ptr": data, "table_ptr": "*fp32", "wb_ptr": "*fp32",
-                         "params_ptr": "*fp32", "gx_ptr": data, "part_table_ptr": "*fp32", "part_wb_ptr": "*fp32"}
-        layout, bc = (0, 1) if not per_channel else (2, 1)
-        bm = max(1, 512 // bc)
+                         "params_ptr": "*fp32", "gx_ptr": data, "part_coef_ptr": "*fp32", "part_wb_ptr": "*fp32"}
+        bm = triton_spline.BACKWARD_TILE
         constants = {"GRID": grid_size, "BASE": 0, "EXACT": exact, "NEED_X": True, "NEED_PARAMS": True,
-                     "LAYOUT": layout, "BM": bm, "BC": bc, "RP": triton.next_power_of_2(rows)}
-        values_per_trip = bm * bc
+                     "LAYOUT": 2 if per_channel else 0, "BM": bm, "NBP": triton.next_power_of_2(grid_size + 3)}
+        values_per_trip = bm
     signature = _signature(kernel)
     for name in signature:
         if name in pointer_types:

@@ -105,17 +105,18 @@ class SplineEvaluation:
             piece.values(out2[piece.index])
         return out
 
-    def gradients(self, grad_phi: torch.Tensor, need_x: bool, need_table: bool, need_base_weight: bool):
-        """(dL/dx, dL/dtable, dL/dbase_weight) for the upstream gradient dL/dphi; None where not needed."""
+    def gradients(self, grad_phi: torch.Tensor, need_x: bool, need_coef: bool, need_base_weight: bool):
+        """(dL/dx, dL/dcoefficients, dL/dbase_weight) for the upstream gradient dL/dphi; None where not needed."""
         c = self.config
-        need_params = need_table or need_base_weight
+        need_params = need_coef or need_base_weight
         if c.backend in KERNEL_BACKENDS:
-            grad_x, grad_table, grad_wb = _kernel_ops(c.backend).spline_phi_backward(
+            grad_x, grad_coef, grad_wb = _kernel_ops(c.backend).spline_phi_backward(
                 self.x, grad_phi, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE,
                 c.exact, need_x, need_params)
         else:
             grad_x, grad_table, grad_wb = self._torch_gradients(grad_phi, need_x, need_params)
-        return (grad_x if need_x else None, grad_table if need_table else None,
+            grad_coef = spline.table_gradient_to_coefficients(grad_table) if need_params else None
+        return (grad_x if need_x else None, grad_coef if need_coef else None,
                 grad_wb if need_base_weight else None)
 
     @property
@@ -124,16 +125,16 @@ class SplineEvaluation:
         a separate pass, and callers that have phi's consumer ready first should ask for values() before."""
         return self.config.backend == "cpu"
 
-    def gradients_and_values(self, grad_phi: torch.Tensor, need_x: bool, need_table: bool, need_base_weight: bool,
+    def gradients_and_values(self, grad_phi: torch.Tensor, need_x: bool, need_coef: bool, need_base_weight: bool,
                              dtype: torch.dtype):
-        """(dL/dx, dL/dtable, dL/dbase_weight, phi(x) in ``dtype``): one pass over x for the CPU kernels."""
+        """(dL/dx, dL/dcoefficients, dL/dbase_weight, phi(x) in ``dtype``): one pass over x for the CPU kernels."""
         c = self.config
         if not self.values_with_gradients:
-            return (*self.gradients(grad_phi, need_x, need_table, need_base_weight), self.values(dtype))
-        grad_x, grad_table, grad_wb, phi = _kernel_ops(c.backend).spline_phi_backward_with_values(
+            return (*self.gradients(grad_phi, need_x, need_coef, need_base_weight), self.values(dtype))
+        grad_x, grad_coef, grad_wb, phi = _kernel_ops(c.backend).spline_phi_backward_with_values(
             self.x, grad_phi, self.table, self.base_weight, c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE,
-            c.exact, need_x, need_table or need_base_weight, dtype)
-        return (grad_x if need_x else None, grad_table if need_table else None,
+            c.exact, need_x, need_coef or need_base_weight, dtype)
+        return (grad_x if need_x else None, grad_coef if need_coef else None,
                 grad_wb if need_base_weight else None, phi)
 
     def _torch_gradients(self, grad_phi: torch.Tensor, need_x: bool, need_params: bool):
@@ -293,27 +294,33 @@ def _kernel_ops(backend: str):
 
 
 class _SharedSplineFunction(torch.autograd.Function):
-    """Saves x (plus the tiny parameter tensors); recomputes the interval lookup in backward. In torch.func's form
-    (forward without ctx, ``setup_context``, a ``vmap`` rule: ``func_transforms``)."""
+    """phi(x) for inputs (x, coef, table, base_weight, config): the table is ``spline_table(coef)``, made outside
+    and not differentiated (the gradient goes to ``coef`` directly: the kernels sum it in coefficient space). Saves
+    x (plus the tiny parameter tensors); recomputes the interval lookup in backward. In torch.func's form (forward
+    without ctx, ``setup_context``, a ``vmap`` rule: ``func_transforms``)."""
 
     @staticmethod
-    def forward(x, table, base_weight, config):
+    def forward(x, coef, table, base_weight, config):
         return SplineEvaluation(x, table, base_weight, config).values(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3])
-        ctx.config = inputs[3]
+        x, coef, table, base_weight, config = inputs
+        ctx.save_for_backward(x, table, base_weight)
+        ctx.config = config
 
     @staticmethod
     def backward(ctx, grad_out):
+        need_x, need_coef, _, need_wb = ctx.needs_input_grad[:4]
+
         def formula(x, table, base_weight, grad_out):
-            return SplineEvaluation(x, table, base_weight, ctx.config).gradients(grad_out, *ctx.needs_input_grad[:3])
-        return (*first_order_backward(formula, *ctx.saved_tensors, grad_out), None)
+            return SplineEvaluation(x, table, base_weight, ctx.config).gradients(grad_out, need_x, need_coef, need_wb)
+        grad_x, grad_coef, grad_wb = first_order_backward(formula, *ctx.saved_tensors, grad_out)
+        return grad_x, grad_coef, None, grad_wb, None
 
     @staticmethod
-    def vmap(info, in_dims, x, table, base_weight, config):
-        return pointwise_vmap(_SharedSplineFunction, info, in_dims, x, (table, base_weight), config)
+    def vmap(info, in_dims, x, coef, table, base_weight, config):
+        return pointwise_vmap(_SharedSplineFunction, info, in_dims, x, (coef, table, base_weight), config)
 
 
 class SharedSplineActivation(nn.Module):
@@ -434,7 +441,9 @@ class SharedSplineActivation(nn.Module):
         return self.impl != "plain"
 
     def function_inputs(self, x: torch.Tensor):
-        """(table, base_weight, SplineConfig) for SplineEvaluation of ``x``, after checking its channels.
+        """(coef, table, base_weight, SplineConfig) for the custom Functions on ``x``, after checking its channels:
+        the table (``spline.spline_table`` of the coefficients) is made from detached coefficients, the gradient
+        goes to ``coef``.
 
         Must be called with autocast off: the table is built in the spline's compute dtype.
         """
@@ -443,7 +452,8 @@ class SharedSplineActivation(nn.Module):
         config = SplineConfig(self.grid_range[0], self.inv_h, self.grid_size, self.spline_channel_dim,
                               self.spline_grad == "exact",
                               self.base, resolve_backend(self.backend, x))
-        return spline.spline_table(self.coef.to(dtype)), self.base_weight.to(dtype), config
+        coef = self.coef.to(dtype)
+        return coef, spline.spline_table(coef.detach()), self.base_weight.to(dtype), config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The spline must not run in fp16/bf16: autocast is switched off and everything is done in fp32.

@@ -70,34 +70,34 @@ class _KAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, table, base_weight, weight, bias, spline_config, op, dtype):
+    def forward(x, coef, table, base_weight, weight, bias, spline_config, op, dtype):
         phi = SplineEvaluation(x, table, base_weight, spline_config).values(dtype)
         return op.forward(phi, weight.to(dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, table, base_weight, weight, bias, spline_config, op, dtype = inputs
+        x, coef, table, base_weight, weight, bias, spline_config, op, dtype = inputs
         ctx.save_for_backward(x, table, base_weight, weight)
         ctx.spline_config, ctx.op, ctx.dtype, ctx.has_bias = spline_config, op, dtype, bias is not None
 
     @staticmethod
-    def vmap(info, in_dims, x, table, base_weight, weight, bias, spline_config, op, dtype):
-        args = (x, table, base_weight, weight, bias, spline_config, op, dtype)
-        if any(d is not None for d in in_dims[1:5]):  # batched parameters: one sample at a time
+    def vmap(info, in_dims, x, coef, table, base_weight, weight, bias, spline_config, op, dtype):
+        args = (x, coef, table, base_weight, weight, bias, spline_config, op, dtype)
+        if any(d is not None for d in in_dims[1:6]):  # batched parameters: one sample at a time
             return per_sample(_KAFunction, info, in_dims, args), 0
         x, channel_dim = batch_dim_first(x, in_dims[0], spline_config.channel_dim, info.batch_size)
         if isinstance(op, LinearSpec):  # any leading dimensions; channels last
             config = spline_config._replace(channel_dim=channel_dim)
-            return _KAFunction.apply(x, table, base_weight, weight, bias, config, op, dtype), 0
+            return _KAFunction.apply(x, coef, table, base_weight, weight, bias, config, op, dtype), 0
         # a convolution: vmap's batch and the conv's batch (N, C, *spatial) become one batch, channels stay at 1
-        out = _KAFunction.apply(x.flatten(0, 1), table, base_weight, weight, bias, spline_config, op, dtype)
+        out = _KAFunction.apply(x.flatten(0, 1), coef, table, base_weight, weight, bias, spline_config, op, dtype)
         return out.unflatten(0, x.shape[:2]), 0
 
     @staticmethod
     def backward(ctx, grad_out):
         spline_config, op, dtype, has_bias = ctx.spline_config, ctx.op, ctx.dtype, ctx.has_bias
-        need_x, need_table, need_wb, need_weight, need_bias = ctx.needs_input_grad[:5]
-        need_phi = need_x or need_table or need_wb
+        need_x, need_coef, _, need_wb, need_weight, need_bias = ctx.needs_input_grad[:6]
+        need_phi = need_x or need_coef or need_wb
 
         def formula(x, table, base_weight, weight, grad_out):
             evaluation = SplineEvaluation(x, table, base_weight, spline_config)
@@ -108,7 +108,7 @@ class _KAFunction(torch.autograd.Function):
                 like_phi = x if x.dtype == dtype else x.to(dtype)
                 grad_phi = op.backward(grad_out, like_phi, weight_, has_bias, [True, False, False])[0]
                 del like_phi
-                *grads, phi = evaluation.gradients_and_values(grad_phi, need_x, need_table, need_wb, dtype)
+                *grads, phi = evaluation.gradients_and_values(grad_phi, need_x, need_coef, need_wb, dtype)
                 del grad_phi
                 _, grad_weight, grad_bias = op.backward(grad_out, phi, weight_, has_bias,
                                                         [False, need_weight, need_bias])
@@ -117,13 +117,15 @@ class _KAFunction(torch.autograd.Function):
                 grad_phi, grad_weight, grad_bias = op.backward(grad_out, phi, weight_, has_bias,
                                                                [need_phi, need_weight, need_bias])
                 del phi
-                grads = (evaluation.gradients(grad_phi, need_x, need_table, need_wb) if need_phi
+                grads = (evaluation.gradients(grad_phi, need_x, need_coef, need_wb) if need_phi
                          else (None, None, None))
             grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
             grad_bias = None if grad_bias is None else grad_bias.to(weight.dtype)
             return (*grads, grad_weight, grad_bias)
 
-        return (*first_order_backward(formula, *ctx.saved_tensors, grad_out), None, None, None)
+        grad_x, grad_coef, grad_wb, grad_weight, grad_bias = first_order_backward(formula, *ctx.saved_tensors,
+                                                                                  grad_out)
+        return grad_x, grad_coef, None, grad_wb, grad_weight, grad_bias, None, None, None
 
 
 class KAModule:
@@ -150,8 +152,8 @@ class KAModule:
     def _fused(self, x: torch.Tensor, op) -> torch.Tensor:
         dtype = _op_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            table, base_weight, spline_config = self.activation.function_inputs(x)
-            return _KAFunction.apply(x, table, base_weight, self.weight, self.bias, spline_config, op, dtype)
+            coef, table, base_weight, spline_config = self.activation.function_inputs(x)
+            return _KAFunction.apply(x, coef, table, base_weight, self.weight, self.bias, spline_config, op, dtype)
 
 
 class KALinear(KAModule, nn.Linear):

@@ -106,6 +106,26 @@ def spline_table(coef: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(table, (0, 0, 1, 1))
 
 
+def coefficients_shape(table: torch.Tensor) -> tuple[int, int]:
+    """(C, G + 3) for a table (C, G + 8, 4) of ``spline_table``."""
+    return table.shape[0], table.shape[1] - 5
+
+
+def table_gradient_to_coefficients(grad_table: torch.Tensor) -> torch.Tensor:
+    """dL/dcoef from dL/dtable: the transpose of ``spline_table``'s linear map, (C, G + 8, 4) -> (C, G + 3).
+
+    Row ``r`` of the table (interval r - 4) holds ``sum_k coef[r - 4 + k] * pieces[k]``, so each coefficient collects
+    the gradient of the four rows it enters, weighted by its piece. The end rows (all zero, for values outside the
+    extended grid) depend on no coefficient."""
+    pieces = _piece_matrix(grad_table.dtype, grad_table.device)
+    windows = grad_table[:, 1:-1, :] @ pieces.t()  # (C, G + 6, 4): the gradient of coefficient r - 4 + k
+    n_windows = windows.shape[1]
+    padded = windows.new_zeros(windows.shape[0], n_windows + SPLINE_ORDER)
+    for k in range(SPLINE_ORDER + 1):
+        padded[:, k:k + n_windows] += windows[:, :, k]
+    return padded[:, SPLINE_ORDER:-SPLINE_ORDER].clone(memory_format=torch.contiguous_format)
+
+
 class IntervalLookup:
     """Where each value falls on the grid: flat table row and local coordinate ``t`` in [0, 1)."""
 

@@ -265,3 +265,15 @@ def test_piece_matrix_cache_keeps_no_fake_or_inference_tensor():
     coef = torch.randn(1, 8, dtype=torch.float64, requires_grad=True)
     spline.spline_table(coef).sum().backward()  # would fail on a cached inference tensor
     assert coef.grad is not None and not spline._PIECE_MATRICES[(torch.float64, torch.device("cpu"))].is_inference()
+
+
+@pytest.mark.parametrize("grid_size", [1, 5, 8])
+def test_table_gradient_to_coefficients_is_the_transpose_of_spline_table(grid_size):
+    """Against autograd through ``spline_table``: the custom Functions' coefficient gradient rests on it."""
+    from nnunetv2_allukan import spline
+
+    coef = torch.randn(3, grid_size + 3, dtype=torch.float64, requires_grad=True)
+    table = spline.spline_table(coef)
+    grad_table = torch.randn_like(table)
+    expected, = torch.autograd.grad(table, coef, grad_table)
+    torch.testing.assert_close(spline.table_gradient_to_coefficients(grad_table), expected, rtol=1e-12, atol=1e-12)

@@ -152,11 +152,11 @@ def test_per_channel_partials_with_channels_innermost_and_many_channels():
 def test_gradients_not_asked_for_are_not_computed():
     act = _activation("channel", "exact", dtype=torch.float32)
     x = _difficult_input((2, 5, 3, 3), torch.float32)
-    table, base_weight, config = act.function_inputs(x)
+    _, table, base_weight, config = act.function_inputs(x)
     args = (table.detach(), base_weight.detach(), config.lo, config.inv_h, config.channel_dim, config.base,
             LEAKY_SLOPE)
     grad_x, grad_table, grad_wb = ops.spline_phi_backward(x, torch.ones_like(x), *args, True, False, True)
-    assert grad_x.numel() == 0 and grad_table.shape == table.shape and grad_wb.shape == (5,)
+    assert grad_x.numel() == 0 and grad_table.shape == (table.shape[0], table.shape[1] - 5) and grad_wb.shape == (5,)
     grad_x, grad_table, grad_wb = ops.spline_phi_backward(x, torch.ones_like(x), *args, True, True, False)
     assert grad_x.shape == x.shape and grad_table.numel() == 0 and grad_wb.numel() == 0
 
@@ -174,7 +174,7 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations and dispatch of both custom ops, as torch.library checks them."""
     act = _activation("channel", "exact", dtype=torch.float32)
     x = torch.randn(2, 5, 3, 4, device=DEVICE) * 4  # opcheck compares without equal_nan
-    table, base_weight, c = act.function_inputs(x)
+    _, table, base_weight, c = act.function_inputs(x)
     table, base_weight = table.detach(), base_weight.detach()
     common = (c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE)
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -265,9 +265,9 @@ def test_compiled_layer_sees_one_custom_op_per_direction():
 def test_backend_option(monkeypatch):
     x = torch.randn(2, 3)
     cpu_default = "cpu" if kernels_package.cpu_kernels_available() else "torch"
-    assert SharedSplineActivation(backend="auto").function_inputs(x)[2].backend == cpu_default  # CPU tensor
-    assert SharedSplineActivation(backend="torch").function_inputs(x.to(DEVICE))[2].backend == "torch"
-    assert SharedSplineActivation(backend="triton").function_inputs(x.to(DEVICE))[2].backend == "triton"
+    assert SharedSplineActivation(backend="auto").function_inputs(x)[-1].backend == cpu_default  # CPU tensor
+    assert SharedSplineActivation(backend="torch").function_inputs(x.to(DEVICE))[-1].backend == "torch"
+    assert SharedSplineActivation(backend="triton").function_inputs(x.to(DEVICE))[-1].backend == "triton"
     with pytest.raises(ValueError, match="backend"):
         SharedSplineActivation(backend="cuda")
     with pytest.raises(ValueError, match="impl='function'"):
@@ -311,8 +311,35 @@ def test_spline_backend_switches_every_activation_and_restores_it():
     net = torch.nn.Sequential(KAonv2d(3, 4, 3, backend="triton"), KALinear(4, 2, backend="auto"))
     with spline_backend(net, "torch"):
         assert [m.activation.backend for m in net] == ["torch", "torch"]
-        assert net[0].activation.function_inputs(torch.randn(1, 3, 4, 4, device=DEVICE))[2].backend == "torch"
+        assert net[0].activation.function_inputs(torch.randn(1, 3, 4, 4, device=DEVICE))[-1].backend == "torch"
     assert [m.activation.backend for m in net] == ["triton", "auto"]
     with pytest.raises(ValueError, match="backend"):
         with spline_backend(net, "cuda"):
             pass
+
+
+def test_backward_programs_loop_over_several_tiles(monkeypatch):
+    """With few programs each loops over many tiles, so the per-thread accumulators carry across trips (on the
+    default sizes the test inputs give each program one tile: only a GPU-sized input would exercise the loop)."""
+    monkeypatch.setattr(triton_spline, "TARGET_PROGRAMS", 2)
+    monkeypatch.setattr(triton_spline, "BACKWARD_TILE", 64)
+    for share, shape in (("layer", (3, 5, 17, 13)), ("channel", (3, 5, 17, 13))):
+        act = _activation(share, "exact", dtype=torch.float64)
+        _compare_backends(act, _difficult_input(shape, torch.float64), rtol=1e-12, atol=1e-12)
+    act = _activation("channel", "free", channels=40, dtype=torch.float64)
+    act.channel_dim = -1  # channels fastest: (positions, channel block) tiles
+    _compare_backends(act, _difficult_input((3, 50, 40), torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_sends_inputs_too_large_for_the_kernels_to_the_torch_path():
+    """Over 2**30 values (int32 offsets) "auto" takes the torch path on CUDA instead of raising in the kernels."""
+    from types import SimpleNamespace
+
+    import nnunetv2_allukan.kernels as kernels
+
+    def cuda_tensor(numel):
+        return SimpleNamespace(is_cuda=True, device=SimpleNamespace(type="cuda"), numel=lambda: numel)
+
+    if kernels.TRITON_INSTALLED:
+        assert kernels.resolve_backend("auto", cuda_tensor(kernels.TRITON_MAX_ELEMENTS)) == "triton"
+    assert kernels.resolve_backend("auto", cuda_tensor(kernels.TRITON_MAX_ELEMENTS + 1)) == "torch"

@@ -23,6 +23,9 @@ BACKENDS = ("auto", "torch", "triton", "cpu")
 BACKEND_ENV = "ALLUKAN_SPLINE_BACKEND"
 # Looked up once (without importing triton), so that resolve_backend stays a constant under torch.compile.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Values per call the Triton kernels take (int32 offsets, with room for the last tile's overhang); "auto" sends
+# larger inputs to the torch path.
+TRITON_MAX_ELEMENTS = 2 ** 30
 NUMBA_INSTALLED = importlib.util.find_spec("numba") is not None
 # Whether the numba CPU kernels loaded and passed their smoke test: None until first asked (cpu_kernels_available),
 # then a constant, so that resolve_backend stays one under torch.compile. CPU_KERNELS_LOAD_SECONDS: what the first
@@ -100,7 +103,7 @@ def resolve_backend(backend: str, x) -> str:
         return "torch"
     if backend == "auto":
         if x.is_cuda:
-            return "triton" if TRITON_INSTALLED else "torch"
+            return "triton" if TRITON_INSTALLED and x.numel() <= TRITON_MAX_ELEMENTS else "torch"
         on_cpu = x.device.type in ("cpu", "meta")
         return "cpu" if on_cpu and _CPU_KERNELS["available"] else "torch"
     if backend == "cpu":

@@ -173,8 +173,9 @@ def spline_phi_backward_cpu(x: torch.Tensor, grad_phi: torch.Tensor, table: torc
                             lo: float, inv_h: float, channel_dim: Optional[int], base: str, leaky_slope: float,
                             exact: bool, need_x: bool, need_params: bool, phi_dtype: Optional[torch.dtype] = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx in x's dtype, dL/dtable, dL/dbase_weight, phi(x) in ``phi_dtype``); an output that is not needed is
-    an empty tensor, phi among them when ``phi_dtype`` is None. phi comes from the same pass over x: a KA layer's
+    """(dL/dx in x's dtype, dL/dcoefficients (C, G + 3), dL/dbase_weight, phi(x) in ``phi_dtype``); an output that is
+    not needed is an empty tensor, phi among them when ``phi_dtype`` is None. (The kernels sum the table gradient,
+    4 x (G + 8) cells per spline; ``spline.table_gradient_to_coefficients`` maps it to the coefficients.) phi comes from the same pass over x: a KA layer's
     backward needs it for its weight gradient, and the conv's input gradient (``grad_phi``) does not need it."""
     layout = spline.MemoryLayout(x, channel_dim, table.shape[0])
     compute = table.dtype
@@ -194,8 +195,8 @@ def spline_phi_backward_cpu(x: torch.Tensor, grad_phi: torch.Tensor, table: torc
     elif phi.dtype != phi_dtype:
         phi = phi.to(phi_dtype)
     if not need_params:
-        grad_table, grad_wb = table.new_empty(0), base_weight.new_empty(0)
-    return grad_x, grad_table, grad_wb, phi
+        return grad_x, table.new_empty(0), base_weight.new_empty(0), phi
+    return grad_x, spline.table_gradient_to_coefficients(grad_table), grad_wb, phi
 
 
 @spline_phi_backward_cpu.register_fake
@@ -204,7 +205,7 @@ def _(x, grad_phi, table, base_weight, lo, inv_h, channel_dim, base, leaky_slope
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     phi = torch.empty_like(x, dtype=phi_dtype) if phi_dtype is not None else x.new_empty(0)
     if need_params:
-        return grad_x, torch.empty_like(table), torch.empty_like(base_weight), phi
+        return grad_x, table.new_empty(spline.coefficients_shape(table)), torch.empty_like(base_weight), phi
     return grad_x, table.new_empty(0), base_weight.new_empty(0), phi
 
 

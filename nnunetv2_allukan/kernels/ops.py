@@ -50,21 +50,22 @@ def spline_phi_backward(x: torch.Tensor, grad_phi: torch.Tensor, table: torch.Te
                         lo: float, inv_h: float, channel_dim: Optional[int], base: str, leaky_slope: float,
                         exact: bool, need_x: bool, need_params: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx in x's dtype, dL/dtable, dL/dbase_weight); an output that is not needed is an empty tensor."""
+    """(dL/dx in x's dtype, dL/dcoefficients (C, G + 3), dL/dbase_weight); an output that is not needed is an empty
+    tensor."""
     layout = spline.MemoryLayout(x, channel_dim, table.shape[0])
     grad_x = layout.empty(x.dtype) if need_x else x.new_empty(0)
-    grad_table, grad_wb = triton_spline.phi_grads(
+    grad_coef, grad_wb = triton_spline.phi_grads(
         layout.view3(layout.x), layout.view3(layout.like(grad_phi)), table.contiguous(), base_weight.contiguous(),
         _grid_params(lo, inv_h, leaky_slope, table.dtype, x.device), base, exact,
         layout.view3(grad_x) if need_x else None, need_params)
     if not need_params:
-        grad_table, grad_wb = table.new_empty(0), base_weight.new_empty(0)
-    return grad_x, grad_table, grad_wb
+        grad_coef, grad_wb = table.new_empty(0), base_weight.new_empty(0)
+    return grad_x, grad_coef, grad_wb
 
 
 @spline_phi_backward.register_fake
 def _(x, grad_phi, table, base_weight, lo, inv_h, channel_dim, base, leaky_slope, exact, need_x, need_params):
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     if need_params:
-        return grad_x, torch.empty_like(table), torch.empty_like(base_weight)
+        return grad_x, table.new_empty(spline.coefficients_shape(table)), torch.empty_like(base_weight)
     return grad_x, table.new_empty(0), base_weight.new_empty(0)

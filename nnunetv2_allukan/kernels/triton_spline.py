@@ -8,14 +8,10 @@ fp32/fp16/bf16 inputs, fp64 for fp64 inputs):
 * ``u = (x - lo) * inv_h``, ``t = u - floor(u)``, table row ``clamp(floor(u), -4, G + 3) + 4`` (NaN: row 0);
   rows 0 and G + 7 of the table are zero, so values outside the extended grid see only the base part;
 * ``phi = (a0 + t (a1 + t (a2 + t a3))) + w_b b(x)`` with ``b`` silu or leaky_relu(., 0.01);
-* backward: ``grad_x = g (w_b b'(x) [+ S'(x)])`` and, reduced inside each program, the table gradient
-  ``sum g t^p`` per (channel, row, p) and ``sum g b(x)`` per channel. Each program writes its partial sums to its
-  own slot of a (programs x ...) buffer that one ``torch.sum`` reduces: no atomics, so two runs give bitwise-equal
-  gradients.
-
-The coefficient gradient is returned as the table gradient (what the autograd Functions return for their
-``table`` input); ``spline.spline_table``'s autograd maps it to the coefficients, a (C, G + 8, 4) -> (C, G + 3)
-product that costs nothing next to one pass over the activation.
+* backward: ``grad_x = g (w_b b'(x) [+ S'(x)])`` and, accumulated per thread across the program's loop and
+  reduced once at its end, the coefficient gradient ``sum g B_j(x)`` per (channel, j) and ``sum g b(x)`` per
+  channel. Each program writes its partial sums to its own slot of a (programs x ...) buffer that one
+  ``torch.sum`` reduces: no atomics, so two runs give bitwise-equal gradients.
 
 ``TRITON_INTERPRET=1``, set before triton is first imported, makes the kernels run on CPU tensors through
 Triton's interpreter (tests); it is decided once, when this module is imported.
@@ -26,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_interpret_requested
+from . import TRITON_MAX_ELEMENTS, triton_interpret_requested
 
 # Kernels were built for the interpreter (CPU tensors; slow) rather than compiled for a GPU.
 INTERPRETED = triton_interpret_requested()
@@ -35,9 +31,11 @@ EXTRA_ROWS = 8
 # Every program of the backward kernel owns a slot of the partial-sum buffer; about this many programs in all,
 # a function of the shape only (not of the GPU), so the reduction order, and the result, are reproducible.
 TARGET_PROGRAMS = 1024
+# Positions x channels per tile of the backward kernel (one trip of its loop).
+BACKWARD_TILE = 256
 BASE_CODES = {"silu": 0, "leakyrelu": 1}
 PHI_BLOCK = 1024  # values per program of the forward kernel
-_MAX_ELEMENTS = 2 ** 30  # int32 offsets, with room for the last tile's overhang
+_MAX_ELEMENTS = TRITON_MAX_ELEMENTS
 
 
 @triton.jit
@@ -59,7 +57,10 @@ def _base_function(x, slope, BASE: tl.constexpr):
         b = tl.where(positive, x, x * slope)
         db = tl.where(positive, 1.0, slope)
     else:
-        sig = 1.0 / (1.0 + tl.exp(-x))
+        if x.dtype == tl.float32:  # the approximate divide (~2 ulp): the IEEE one is a ~10-instruction sequence
+            sig = tl.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.exp(-x), ieee_rounding=False)
+        else:
+            sig = 1.0 / (1.0 + tl.exp(-x))
         b = x * sig
         db = sig + b * (1.0 - sig)
     return b, db
@@ -67,40 +68,131 @@ def _base_function(x, slope, BASE: tl.constexpr):
 
 @triton.jit
 def _phi_kernel(x_ptr, table_ptr, wb_ptr, params_ptr, out_ptr, numel, C, B,
-                GRID: tl.constexpr, BASE: tl.constexpr, PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+                GRID: tl.constexpr, BASE: tl.constexpr, PER_CHANNEL: tl.constexpr, PLANES: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """phi of BLOCK values per program. PLANES (per-channel splines, planes of at least a few hundred values): the
+    grid is (blocks of a plane, planes) and the channel is one scalar per program; otherwise the values are taken
+    flat, and with per-channel splines each value's channel is (offset // B) % C (an integer division per value)."""
     lo = tl.load(params_ptr)
     inv_h = tl.load(params_ptr + 1)
     slope = tl.load(params_ptr + 2)
+    if PLANES:
+        plane = tl.program_id(1)
+        b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = b < B
+        offs = plane * B + b
+        channel = plane % C
+        entry = (channel * (GRID + 8)) * 4
+        wb = tl.load(wb_ptr + channel)
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        if PER_CHANNEL:
+            channel = (offs // B) % C
+            entry = channel * ((GRID + 8) * 4)
+            wb = tl.load(wb_ptr + channel, mask=mask, other=0.0)
+        else:
+            entry = 0
+            wb = tl.load(wb_ptr)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
     row, t = _locate(x, lo, inv_h, GRID)
-    if PER_CHANNEL:
-        channel = (offs // B) % C
-        entry = (channel * (GRID + 8) + row) * 4
-        wb = tl.load(wb_ptr + channel, mask=mask, other=0.0)
-    else:
-        entry = row * 4
-        wb = tl.load(wb_ptr)
+    entry = entry + row * 4
     a0 = tl.load(table_ptr + entry, mask=mask, other=0.0)
     a1 = tl.load(table_ptr + entry + 1, mask=mask, other=0.0)
     a2 = tl.load(table_ptr + entry + 2, mask=mask, other=0.0)
     a3 = tl.load(table_ptr + entry + 3, mask=mask, other=0.0)
     s = a0 + (a1 + (a2 + a3 * t) * t) * t
-    b, _ = _base_function(x, slope, BASE)
-    tl.store(out_ptr + offs, (s + b * wb).to(out_ptr.dtype.element_ty), mask=mask)
+    b_x, _ = _base_function(x, slope, BASE)
+    tl.store(out_ptr + offs, (s + b_x * wb).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_table_ptr, part_wb_ptr,
+def _coefficient_pieces(g, row, t, GRID: tl.constexpr):
+    """g times the four cubic pieces w_k(t) of a value's interval (zero for the end rows: outside the extended grid,
+    or NaN), and the first coefficient they belong to, ``row - 4``."""
+    inside = (row >= 1) & (row <= GRID + 6)
+    gi = tl.where(inside, g, 0.0)
+    s = 1.0 - t
+    t2 = t * t
+    t3 = t2 * t
+    w0 = gi * (s * s * s * (1.0 / 6.0))
+    w1 = gi * ((3.0 * t3 - 6.0 * t2 + 4.0) * (1.0 / 6.0))
+    w2 = gi * ((-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) * (1.0 / 6.0))
+    w3 = gi * (t3 * (1.0 / 6.0))
+    return w0, w1, w2, w3, row - 4
+
+
+@triton.jit
+def _grad_kernel_rows(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_coef_ptr, part_wb_ptr,
+                      M, C, B, blocks_per_program, tiles_per_plane,
+                      GRID: tl.constexpr, BASE: tl.constexpr, EXACT: tl.constexpr, NEED_X: tl.constexpr,
+                      NEED_PARAMS: tl.constexpr, LAYOUT: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr):
+    """The backward for one spline per program (LAYOUT 0: share="layer", C == 1, M values; LAYOUT 2: channel c of an
+    (A, C, B) view with B > 1, M = A planes of ``tiles_per_plane`` tiles each): program (s, c) covers tiles of
+    channel c, BM values per trip, as 1-D tiles. Accumulators (NBP, BM): every thread keeps the coefficient sums of its own values across the loop, so the
+    loop has no reduction across threads (and no block barrier); they are summed once after it."""
+    split = tl.program_id(0)
+    c = tl.program_id(1)
+    lane = tl.arange(0, BM)
+    lo = tl.load(params_ptr)
+    inv_h = tl.load(params_ptr + 1)
+    slope = tl.load(params_ptr + 2)
+    wb = tl.load(wb_ptr + c)
+    # (NBP, BM), positions fastest: Triton then spreads the positions over the threads and gives every thread all
+    # NBP accumulators of its own values; as (BM, NBP) it spread the coefficients over 8 threads, and moving each
+    # value's pieces to those threads cost a layout conversion through shared memory (with barriers) per trip.
+    coefficient = tl.arange(0, NBP)[:, None]
+    acc = tl.zeros((NBP, BM), dtype=lo.dtype)
+    acc_wb = tl.zeros((BM,), dtype=lo.dtype)
+    for it in range(0, blocks_per_program):
+        tile = split * blocks_per_program + it
+        if LAYOUT == 0:
+            offs = tile * BM + lane
+            mask = offs < M
+        else:  # tiles within planes: plane a and position block of the tile are scalars (no division per value)
+            a = tile // tiles_per_plane
+            positions = (tile - a * tiles_per_plane) * BM + lane
+            mask = (positions < B) & (a < M)
+            offs = (a * C + c) * B + positions
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
+        row, t = _locate(x, lo, inv_h, GRID)
+        b, db = _base_function(x, slope, BASE)
+        if NEED_X:
+            dphi = db * wb
+            if EXACT:
+                entry = (c * (GRID + 8) + row) * 4
+                a1 = tl.load(table_ptr + entry + 1, mask=mask, other=0.0)
+                a2 = tl.load(table_ptr + entry + 2, mask=mask, other=0.0)
+                a3 = tl.load(table_ptr + entry + 3, mask=mask, other=0.0)
+                dphi = dphi + (a1 * inv_h + (a2 * (2.0 * inv_h) + a3 * (3.0 * inv_h) * t) * t)
+            tl.store(gx_ptr + offs, (g * dphi).to(gx_ptr.dtype.element_ty), mask=mask)
+        if NEED_PARAMS:
+            w0, w1, w2, w3, first = _coefficient_pieces(g, row, t, GRID)
+            k = coefficient - first[None, :]
+            acc += tl.where(k == 0, w0[None, :], tl.where(k == 1, w1[None, :], tl.where(
+                k == 2, w2[None, :], tl.where(k == 3, w3[None, :], 0.0))))
+            acc_wb += g * b
+    if NEED_PARAMS:
+        tl.store(part_coef_ptr + (split * C + c) * NBP + tl.arange(0, NBP), tl.sum(acc, axis=1))
+        tl.store(part_wb_ptr + split * C + c, tl.sum(acc_wb, axis=0))
+
+
+@triton.jit
+def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_coef_ptr, part_wb_ptr,
                  M, C, B, blocks_per_program,
                  GRID: tl.constexpr, BASE: tl.constexpr, EXACT: tl.constexpr, NEED_X: tl.constexpr,
                  NEED_PARAMS: tl.constexpr, LAYOUT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-                 RP: tl.constexpr):
-    """Program (s, cb) covers channels ``cb*BC ..`` and positions ``m`` (pairs (a, b), ``M = A*B``) of its share.
+                 NBP: tl.constexpr):
+    """The backward for channel blocks (LAYOUT 1: B == 1, channels fastest, element (m, c) at m*C + c; used with
+    more than one channel per program). Program (s, cb) covers channels ``cb*BC ..`` and positions ``m``; tiles
+    are (BM positions, BC channels). (The kernel also takes LAYOUT 0 and 2, as ``_grad_kernel_rows`` does.)
 
-    LAYOUT 0: C == 1, element m is at m. LAYOUT 1: B == 1 (channels fastest), at m*C + c. LAYOUT 2: at
-    (a*C + c)*B + b. Tiles are (BM positions, BC channels); table-gradient partials are (BC channels, RP rows).
+    The coefficient gradient is accumulated in coefficient space: a value on table row r (interval r - 4) adds
+    g * w_k(t) to coefficient j = r - 4 + k, k = 0..3 (the four cubic pieces), into accumulators of shape
+    (BM, BC, NBP) that every thread keeps for its own values across the loop; they, and g * b(x), are summed over
+    the positions once, after the loop. No reduction across threads inside the loop, hence no block barrier (the
+    first kernel reduced a one-hot over the table rows through shared memory on every tile: 28 barriers per tile).
     """
     split = tl.program_id(0)
     channels = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -109,12 +201,9 @@ def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_table
     inv_h = tl.load(params_ptr + 1)
     slope = tl.load(params_ptr + 2)
     wb = tl.load(wb_ptr + channels, mask=channel_mask, other=0.0)
-    rows = tl.arange(0, RP)
-    acc0 = tl.zeros((BC, RP), dtype=lo.dtype)
-    acc1 = tl.zeros((BC, RP), dtype=lo.dtype)
-    acc2 = tl.zeros((BC, RP), dtype=lo.dtype)
-    acc3 = tl.zeros((BC, RP), dtype=lo.dtype)
-    acc_wb = tl.zeros((BC,), dtype=lo.dtype)
+    coefficient = tl.arange(0, NBP)[None, None, :]
+    acc = tl.zeros((BM, BC, NBP), dtype=lo.dtype)
+    acc_wb = tl.zeros((BM, BC), dtype=lo.dtype)
     for it in range(0, blocks_per_program):
         m = (split * blocks_per_program + it) * BM + tl.arange(0, BM)
         mask = (m < M)[:, None] & channel_mask[None, :]
@@ -139,25 +228,16 @@ def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_table
                 dphi = dphi + (a1 * inv_h + (a2 * (2.0 * inv_h) + a3 * (3.0 * inv_h) * t) * t)
             tl.store(gx_ptr + offs, (g * dphi).to(gx_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
-            # One-hot over the table rows: (BM, BC, RP), summed over the positions of the tile.
-            hit = row[:, :, None] == rows[None, None, :]
-            w = g
-            acc0 += tl.sum(tl.where(hit, w[:, :, None], 0.0), axis=0)
-            w = w * t
-            acc1 += tl.sum(tl.where(hit, w[:, :, None], 0.0), axis=0)
-            w = w * t
-            acc2 += tl.sum(tl.where(hit, w[:, :, None], 0.0), axis=0)
-            w = w * t
-            acc3 += tl.sum(tl.where(hit, w[:, :, None], 0.0), axis=0)
-            acc_wb += tl.sum(g * b, axis=0)
+            w0, w1, w2, w3, first = _coefficient_pieces(g, row, t, GRID)
+            k = coefficient - first[:, :, None]  # which piece of coefficient j this value's interval is
+            acc += tl.where(k == 0, w0[:, :, None], tl.where(k == 1, w1[:, :, None], tl.where(
+                k == 2, w2[:, :, None], tl.where(k == 3, w3[:, :, None], 0.0))))
+            acc_wb += g * b
     if NEED_PARAMS:
-        slot = (split * C + channels[:, None]) * (4 * RP) + rows[None, :]
-        store_mask = channel_mask[:, None]
-        tl.store(part_table_ptr + slot, acc0, mask=store_mask)
-        tl.store(part_table_ptr + slot + RP, acc1, mask=store_mask)
-        tl.store(part_table_ptr + slot + 2 * RP, acc2, mask=store_mask)
-        tl.store(part_table_ptr + slot + 3 * RP, acc3, mask=store_mask)
-        tl.store(part_wb_ptr + split * C + channels, acc_wb, mask=channel_mask)
+        coef_sum = tl.sum(acc, axis=0)  # (BC, NBP): once per program
+        slot = (split * C + channels[:, None]) * NBP + tl.arange(0, NBP)[None, :]
+        tl.store(part_coef_ptr + slot, coef_sum, mask=channel_mask[:, None])
+        tl.store(part_wb_ptr + split * C + channels, tl.sum(acc_wb, axis=0), mask=channel_mask)
 
 
 def _check(x3: torch.Tensor, table: torch.Tensor):
@@ -180,14 +260,18 @@ def phi(x3: torch.Tensor, table: torch.Tensor, base_weight: torch.Tensor, params
         return out3
     _, C, B = x3.shape
     grid_size = table.shape[1] - EXTRA_ROWS
-    _phi_kernel[(triton.cdiv(numel, PHI_BLOCK),)](x3, table, base_weight, params, out3, numel, C, B, GRID=grid_size,
-                                                 BASE=BASE_CODES[base], PER_CHANNEL=C > 1, BLOCK=PHI_BLOCK)
+    A = x3.shape[0]
+    planes = C > 1 and B >= PHI_BLOCK // 4 and A * C <= 65535
+    grid = (triton.cdiv(B, PHI_BLOCK), A * C) if planes else (triton.cdiv(numel, PHI_BLOCK),)
+    _phi_kernel[grid](x3, table, base_weight, params, out3, numel, C, B, GRID=grid_size, BASE=BASE_CODES[base],
+                      PER_CHANNEL=C > 1, PLANES=planes, BLOCK=PHI_BLOCK)
     return out3
 
 
 def phi_grads(x3: torch.Tensor, g3: torch.Tensor, table: torch.Tensor, base_weight: torch.Tensor,
               params: torch.Tensor, base: str, exact: bool, gx3: torch.Tensor | None, need_params: bool):
-    """Write dL/dx into gx3 (when given) and return (dL/dtable, dL/dbase_weight) (None unless need_params).
+    """Write dL/dx into gx3 (when given) and return (dL/dcoefficients (C, G + 3), dL/dbase_weight) (None unless
+    need_params).
 
     g3 is dL/dphi in x3's layout. Partial sums are per (program, channel); one torch.sum reduces them.
     """
@@ -195,34 +279,42 @@ def phi_grads(x3: torch.Tensor, g3: torch.Tensor, table: torch.Tensor, base_weig
     A, C, B = x3.shape
     n_rows = table.shape[1]
     grid_size = n_rows - EXTRA_ROWS
+    n_coefficients = grid_size + 3
     if C == 1:
         layout, M, bc = 0, A * B, 1
     elif B == 1:
         layout, M, bc = 1, A, min(32, triton.next_power_of_2(C))
     else:
         layout, M, bc = 2, A * B, 1
-    bm = max(1, 512 // bc)
-    rp = triton.next_power_of_2(n_rows)
+    bm = max(1, BACKWARD_TILE // bc)
+    nbp = triton.next_power_of_2(n_coefficients)
     channel_blocks = triton.cdiv(C, bc)
     blocks = max(1, triton.cdiv(M, bm))
+    tiles_per_plane = 1
+    if layout == 2:  # tiles within planes (_grad_kernel_rows), M counts the planes
+        tiles_per_plane = triton.cdiv(B, bm)
+        M, blocks = A, max(1, A * tiles_per_plane)
     splits = max(1, min(blocks, TARGET_PROGRAMS // channel_blocks))
     per_program = triton.cdiv(blocks, splits)
     splits = triton.cdiv(blocks, per_program)
     dtype = table.dtype
     if need_params:
-        part_table = torch.empty(splits, C, 4, rp, device=x3.device, dtype=dtype)
+        part_coef = torch.empty(splits, C, nbp, device=x3.device, dtype=dtype)
         part_wb = torch.empty(splits, C, device=x3.device, dtype=dtype)
     else:
-        part_table = part_wb = table  # never written
+        part_coef = part_wb = table  # never written
     if x3.numel():
-        _grad_kernel[(splits, channel_blocks)](
-            x3, g3, table, base_weight, params, x3 if gx3 is None else gx3, part_table, part_wb, M, C, B, per_program,
-            GRID=grid_size, BASE=BASE_CODES[base], EXACT=exact, NEED_X=gx3 is not None, NEED_PARAMS=need_params,
-            LAYOUT=layout, BM=bm, BC=bc, RP=rp)
+        common = dict(GRID=grid_size, BASE=BASE_CODES[base], EXACT=exact, NEED_X=gx3 is not None,
+                      NEED_PARAMS=need_params, LAYOUT=layout, BM=bm, NBP=nbp)
+        args = (x3, g3, table, base_weight, params, x3 if gx3 is None else gx3, part_coef, part_wb, M, C, B,
+                per_program)
+        if bc == 1:
+            _grad_kernel_rows[(splits, channel_blocks)](*args, tiles_per_plane, **common)
+        else:
+            _grad_kernel[(splits, channel_blocks)](*args, BC=bc, **common)
     elif need_params:
-        part_table.zero_()
+        part_coef.zero_()
         part_wb.zero_()
     if not need_params:
         return None, None
-    grad_table = part_table.sum(0)[:, :, :n_rows].transpose(1, 2).contiguous()
-    return grad_table, part_wb.sum(0)
+    return part_coef.sum(0)[:, :n_coefficients].contiguous(), part_wb.sum(0)
