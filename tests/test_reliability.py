@@ -72,6 +72,16 @@ def test_extreme_inputs_give_finite_outputs_and_gradients():
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
+def _default_recipe_optimizer(net):
+    """The default trainer's optimizer kind (trainers/recipes.py): SGD for the convolutions and an Adam of their own
+    for the spline parameters, stepped together as one CombinedOptimizer."""
+    from nnunetv2_allukan.trainers.recipes import CombinedOptimizer, split_spline_parameters
+
+    spline, other = split_spline_parameters(net)
+    return CombinedOptimizer([torch.optim.SGD(other, lr=0.1, momentum=0.99, nesterov=True),
+                              torch.optim.Adam(spline, lr=1e-3)])
+
+
 def _ddp_worker(rank, world, init_file, out_file):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -80,7 +90,7 @@ def _ddp_worker(rank, world, init_file, out_file):
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     x, y = toy_batch(4)
     half = slice(2 * rank, 2 * rank + 2)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    opt = _default_recipe_optimizer(net)
     loss = sum(F.cross_entropy(o, F.interpolate(y[half, None].float(), o.shape[2:]).long()[:, 0])
                for o in ddp(x[half]))
     loss.backward()
@@ -91,13 +101,14 @@ def _ddp_worker(rank, world, init_file, out_file):
 
 
 def test_one_ddp_step_equals_a_single_process_step_on_the_whole_batch(tmp_path):
-    """2 gloo processes on half batches each give the same update as one process on the full batch."""
+    """2 gloo processes on half batches each give the same update as one process on the full batch, with the default
+    recipe's combined optimizer (SGD + the splines' own Adam)."""
     import torch.multiprocessing as mp
     out_file = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
     net = small_net(ds=True)
     x, y = toy_batch(4)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = _default_recipe_optimizer(net)
     # DDP averages gradients over ranks: the per-rank mean losses average to the full-batch mean here
     loss = 0.5 * sum(sum(F.cross_entropy(o, F.interpolate(y[h, None].float(), o.shape[2:]).long()[:, 0])
                          for o in net(x[h])) for h in (slice(0, 2), slice(2, 4)))
