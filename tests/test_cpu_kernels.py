@@ -19,6 +19,7 @@ pytest.importorskip("numba")
 if not kernels.cpu_kernels_available():
     pytest.fail(f"the numba CPU kernels do not load here: {kernels.cpu_kernels_status()['error']}")
 from nnunetv2_allukan.kernels import cpu_ops  # noqa: E402
+from kernel_checks import compiled_op_targets, difficult_input, layer_grads  # noqa: E402
 
 
 def _activation(share, spline_grad, spline_init="silu-noise", channels=6, dtype=torch.float64, grid_size=5,
@@ -29,18 +30,6 @@ def _activation(share, spline_grad, spline_init="silu-noise", channels=6, dtype=
         act.coef.normal_()
         act.base_weight.uniform_(0.5, 1.5)
     return act
-
-
-def _difficult_input(shape, dtype, scale=4.0):
-    """Random values over and beyond the extended grid [-6.6, 6.6], grid knots, NaN and huge values."""
-    x = torch.randn(shape, dtype=torch.float64) * scale
-    flat = x.view(-1)
-    if flat.numel() >= 9:
-        lo, h = -3.0, 6.0 / 5
-        knots = torch.tensor([lo - 3 * h, lo - 2 * h, lo, 0.0, -lo, -lo + 3 * h], dtype=torch.float64)
-        flat[:knots.numel()] = knots
-        flat[-3:] = torch.tensor([float("nan"), 1e4, -1e4])
-    return x.to(dtype)
 
 
 def _run(act, x, backend, grad_seed=1):
@@ -70,7 +59,7 @@ def _compare(act, x, **tolerance):
 @pytest.mark.parametrize("share", ["layer", "channel", "group"])
 def test_float64_matches_torch_path(share, spline_grad, spline_init):
     act = _activation(share, spline_grad, spline_init)
-    x = _difficult_input((3, 6, 37, 29), torch.float64)
+    x = difficult_input((3, 6, 37, 29), torch.float64)
     _compare(act, x, rtol=1e-12, atol=1e-12)
 
 
@@ -78,7 +67,7 @@ def test_float64_matches_torch_path(share, spline_grad, spline_init):
 @pytest.mark.parametrize("share", ["layer", "channel"])
 def test_float32_matches_torch_path(share, spline_grad):
     act = _activation(share, spline_grad, dtype=torch.float32)
-    x = _difficult_input((2, 6, 41, 23), torch.float32)
+    x = difficult_input((2, 6, 41, 23), torch.float32)
     # Coefficient gradients are sums over ~10^4 values, in another order than the torch path's.
     _compare(act, x, rtol=1e-4, atol=1e-3)
 
@@ -86,7 +75,7 @@ def test_float32_matches_torch_path(share, spline_grad):
 @pytest.mark.parametrize("grid_size", [1, 3, 8, 13])
 def test_grid_sizes(grid_size):
     act = _activation("channel", "exact", grid_size=grid_size)
-    _compare(act, _difficult_input((2, 6, 9, 7), torch.float64), rtol=1e-12, atol=1e-12)
+    _compare(act, difficult_input((2, 6, 9, 7), torch.float64), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "transposed", "strided_slice",
@@ -96,13 +85,13 @@ def test_memory_layouts(share, layout):
     """Outputs keep the input's strides (channels_last stays channels_last); non-dense inputs are copied."""
     act = _activation(share, "exact")
     if layout == "channels_last":
-        x = _difficult_input((2, 6, 5, 7), torch.float64).contiguous(memory_format=torch.channels_last)
+        x = difficult_input((2, 6, 5, 7), torch.float64).contiguous(memory_format=torch.channels_last)
     elif layout == "channels_last_3d":
-        x = _difficult_input((2, 6, 3, 5, 4), torch.float64).contiguous(memory_format=torch.channels_last_3d)
+        x = difficult_input((2, 6, 3, 5, 4), torch.float64).contiguous(memory_format=torch.channels_last_3d)
     elif layout == "transposed":
-        x = _difficult_input((6, 2, 11), torch.float64).transpose(0, 1)
+        x = difficult_input((6, 2, 11), torch.float64).transpose(0, 1)
     else:
-        x = _difficult_input((2, 6, 10, 8), torch.float64)[:, :, ::2]
+        x = difficult_input((2, 6, 10, 8), torch.float64)[:, :, ::2]
     if layout == "expanded_grad":
         act.backend = "cpu"
         x = x.detach().requires_grad_()
@@ -120,28 +109,28 @@ def test_channels_last_dimension_of_linear_inputs():
     """KALinear's activation: channels in the last dimension (the (A, C, 1) view: channels fastest in memory)."""
     act = _activation("channel", "exact", channels=40)
     act.channel_dim = -1
-    _compare(act, _difficult_input((3, 50, 40), torch.float64), rtol=1e-12, atol=1e-12)
+    _compare(act, difficult_input((3, 50, 40), torch.float64), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("shape", [(0, 6, 3), (6, 0), (0,), (1,), (6,), (1, 6, 1), (7, 6, 1, 1)])
 def test_odd_and_empty_shapes(shape):
     act = _activation("channel" if len(shape) >= 2 and shape[1] == 6 else "layer", "exact")
-    x = _difficult_input(shape, torch.float64) if 0 not in shape else torch.zeros(shape, dtype=torch.float64)
+    x = difficult_input(shape, torch.float64) if 0 not in shape else torch.zeros(shape, dtype=torch.float64)
     _compare(act, x, rtol=1e-12, atol=1e-12)
 
 
 def test_large_input_spans_many_units():
     """More values than one unit of work (cpu_ops.UNIT_VALUES), in planes larger and smaller than a unit."""
     act = _activation("channel", "free", dtype=torch.float32)
-    _compare(act, _difficult_input((3, 6, 190, 130), torch.float32), rtol=1e-4, atol=1e-2)
+    _compare(act, difficult_input((3, 6, 190, 130), torch.float32), rtol=1e-4, atol=1e-2)
     act = _activation("layer", "free", dtype=torch.float32)
-    _compare(act, _difficult_input((2, 6, 260, 300), torch.float32), rtol=1e-4, atol=1e-1)
+    _compare(act, difficult_input((2, 6, 260, 300), torch.float32), rtol=1e-4, atol=1e-1)
 
 
 @pytest.mark.parametrize("share", ["layer", "channel"])
 def test_gradients_are_bitwise_equal_at_any_thread_count(share):
     act = _activation(share, "exact", dtype=torch.float32)
-    x = _difficult_input((4, 6, 130, 97), torch.float32)
+    x = difficult_input((4, 6, 130, 97), torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
@@ -158,7 +147,7 @@ def test_gradients_are_bitwise_equal_at_any_thread_count(share):
 
 def test_gradients_not_asked_for_are_not_computed():
     act = _activation("channel", "exact", dtype=torch.float32)
-    x = _difficult_input((2, 6, 3, 3), torch.float32)
+    x = difficult_input((2, 6, 3, 3), torch.float32)
     _, table, base_weight, config = act.function_inputs(x)
     args = (table.detach(), base_weight.detach(), config.lo, config.inv_h, config.channel_dim, config.base,
             LEAKY_SLOPE)
@@ -197,15 +186,6 @@ def _ka_layers():
     }
 
 
-def _layer_grads(layer, x, compiled=False):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    run = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
-    y = run(x)
-    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype))
-    return [y, x.grad] + [p.grad for p in layer.parameters()]
-
-
 @pytest.mark.parametrize("layer_name", list(_ka_layers()))
 @pytest.mark.parametrize("share", ["layer", "channel"])
 @pytest.mark.parametrize("spline_grad", ["free", "exact"])
@@ -216,9 +196,9 @@ def test_fused_ka_layers_match_torch_path(layer_name, share, spline_grad):
     torch.manual_seed(0)
     layer = make(share=share, spline_grad=spline_grad, backend="torch").double()
     x = torch.randn(shape, dtype=torch.float64) * 2
-    reference = _layer_grads(layer, x)
+    reference = layer_grads(layer, x)
     layer.activation.backend = "cpu"
-    for a, b in zip(reference, _layer_grads(layer, x)):
+    for a, b in zip(reference, layer_grads(layer, x)):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
@@ -241,9 +221,9 @@ def test_fused_layer_under_cpu_autocast():
     layer = KAonv2d(3, 4, 3, padding=1, share="channel", backend="torch")
     x = torch.randn(2, 3, 6, 6) * 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        reference = _layer_grads(layer, x)
+        reference = layer_grads(layer, x)
         layer.activation.backend = "cpu"
-        result = _layer_grads(layer, x)
+        result = layer_grads(layer, x)
     assert result[0].dtype == torch.bfloat16
     for a, b in zip(reference, result):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
@@ -251,38 +231,17 @@ def test_fused_layer_under_cpu_autocast():
 
 def test_half_precision_input():
     act = _activation("channel", "exact", dtype=torch.float32)
-    x = _difficult_input((2, 6, 5, 5), torch.float16)
+    x = difficult_input((2, 6, 5, 5), torch.float16)
     _compare(act, x, rtol=1e-3, atol=1e-3)
 
 
 def test_compiled_layer_sees_one_custom_op_per_direction():
     """torch.compile (aot_eager) traces the fused layer with the CPU kernels as opaque custom ops and no graph
     break (fullgraph=True), and gives the eager gradients."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
     layer = KAonv2d(3, 4, 3, padding=1, share="channel", spline_grad="exact", backend="cpu")
-    x = torch.randn(2, 3, 6, 5) * 2
-    eager = _layer_grads(layer, x)
-    torch._dynamo.reset()
-    layer.zero_grad(set_to_none=True)
-    xc = x.detach().requires_grad_()
-    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
-    y = compiled(xc)
-    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
-    for a, b in zip(eager, [y, xc.grad] + [p.grad for p in layer.parameters()]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    forward, backward = graphs
+    targets, listing = compiled_op_targets(layer, torch.randn(2, 3, 6, 5) * 2)
     phi_op = torch.ops.allukan.spline_phi_cpu.default
     backward_op = torch.ops.allukan.spline_phi_backward_cpu.default
-    targets = [[n.target for n in g.graph.nodes if n.op == "call_function"] for g in (forward, backward)]
-    listing = ["forward: " + ", ".join(map(str, targets[0])), "backward: " + ", ".join(map(str, targets[1]))]
     assert targets[0].count(phi_op) == 1, listing[0]
     assert targets[1].count(phi_op) == 0, listing[1]  # phi comes from the backward op's own pass
     assert targets[1].count(backward_op) == 1, listing[1]
@@ -336,7 +295,7 @@ def test_two_threads_run_ka_layers_at_once():
     kernels are serial and share one pool): both get the single-threaded result."""
     layer = KAonv2d(4, 4, 3, padding=1, backend="cpu")
     x = torch.randn(2, 4, 150, 120)
-    expected = _layer_grads(layer, x)
+    expected = layer_grads(layer, x)
     results, errors = {}, []
 
     def work(i):
@@ -344,7 +303,7 @@ def test_two_threads_run_ka_layers_at_once():
             for _ in range(3):
                 local = KAonv2d(4, 4, 3, padding=1, backend="cpu")
                 local.load_state_dict(layer.state_dict())
-                results[i] = _layer_grads(local, x)
+                results[i] = layer_grads(local, x)
         except Exception as error:  # reported below
             errors.append(error)
 
@@ -367,7 +326,7 @@ def test_forked_child_runs_the_kernels():
     import numpy as np
 
     act = _activation("channel", "free", dtype=torch.float32)
-    x = _difficult_input((2, 6, 150, 120), torch.float32)
+    x = difficult_input((2, 6, 150, 120), torch.float32)
     _, table, base_weight, c = act.function_inputs(x)
     args = (x, table.detach(), base_weight.detach(), c.lo, c.inv_h, c.channel_dim, c.base, LEAKY_SLOPE,
             torch.float32)

@@ -20,6 +20,7 @@ from nnunetv2_allukan.layers import KALinear, KAonv2d, KAonv3d, KAonvTranspose2d
 
 pytest.importorskip("triton")
 from nnunetv2_allukan.kernels import ops, triton_spline  # noqa: E402
+from kernel_checks import compiled_op_targets, difficult_input, layer_grads  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not triton_spline.INTERPRETED:
@@ -45,14 +46,7 @@ def _activation(share, spline_grad, spline_init="silu-noise", channels=5, backen
 
 
 def _difficult_input(shape, dtype):
-    """Random values over and beyond the extended grid [-6.6, 6.6], grid knots, NaN and huge values."""
-    x = torch.randn(shape, dtype=torch.float64) * 4
-    flat = x.view(-1)
-    lo, h = -3.0, 6.0 / 5
-    knots = torch.tensor([lo - 3 * h, lo - 2 * h, lo, 0.0, -lo, -lo + 3 * h], dtype=torch.float64)
-    flat[:knots.numel()] = knots
-    flat[-3:] = torch.tensor([float("nan"), 1e4, -1e4])
-    return x.to(device=DEVICE, dtype=dtype)
+    return difficult_input(shape, dtype, DEVICE)
 
 
 def _run(act, x, grad_seed=1):
@@ -192,15 +186,6 @@ def _ka_layers():
     }
 
 
-def _layer_grads(layer, x, compiled=False):
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    run = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
-    y = run(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).to(y.dtype))
-    return [y, x.grad] + [p.grad for p in layer.parameters()]
-
-
 @pytest.mark.parametrize("layer_name", list(_ka_layers()))
 @pytest.mark.parametrize("share", ["layer", "channel"])
 def test_fused_ka_layers_triton_matches_torch(layer_name, share):
@@ -208,9 +193,9 @@ def test_fused_ka_layers_triton_matches_torch(layer_name, share):
     torch.manual_seed(0)
     layer = make(share=share, spline_grad="exact", backend="torch").to(DEVICE)
     x = torch.randn(shape, device=DEVICE) * 2
-    reference = _layer_grads(layer, x)
+    reference = layer_grads(layer, x)
     layer.activation.backend = "triton"
-    for a, b in zip(reference, _layer_grads(layer, x)):
+    for a, b in zip(reference, layer_grads(layer, x)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -221,9 +206,9 @@ def test_fused_layer_under_fp16_autocast():
     layer = KAonv2d(3, 4, 3, padding=1, share="channel", backend="torch").to(DEVICE)
     x = torch.randn(2, 3, 6, 6, device=DEVICE) * 2
     with torch.autocast(DEVICE, dtype=torch.float16):
-        reference = _layer_grads(layer, x)
+        reference = layer_grads(layer, x)
         layer.activation.backend = "triton"
-        result = _layer_grads(layer, x)
+        result = layer_grads(layer, x)
     assert result[0].dtype == torch.float16
     for a, b in zip(reference, result):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
@@ -232,31 +217,9 @@ def test_fused_layer_under_fp16_autocast():
 def test_compiled_layer_sees_one_custom_op_per_direction():
     """torch.compile (aot_eager) traces the fused layer with the kernels as two opaque custom ops and no graph
     break (fullgraph=True), and gives the eager gradients."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
     layer = KAonv2d(3, 4, 3, padding=1, share="channel", spline_grad="exact", backend="triton").to(DEVICE)
-    x = torch.randn(2, 3, 6, 5, device=DEVICE) * 2
-    eager = _layer_grads(layer, x)
-    torch._dynamo.reset()
-    layer.zero_grad(set_to_none=True)
-    xc = x.detach().requires_grad_()
-    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
-    y = compiled(xc)
-    y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape))
-    for a, b in zip(eager, [y, xc.grad] + [p.grad for p in layer.parameters()]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    forward, backward = graphs
+    targets, listing = compiled_op_targets(layer, torch.randn(2, 3, 6, 5, device=DEVICE) * 2)
     phi_op, backward_op = torch.ops.allukan.spline_phi.default, torch.ops.allukan.spline_phi_backward.default
-    targets = [[n.target for n in g.graph.nodes if n.op == "call_function"] for g in (forward, backward)]
-    # On failure, the whole graph (a list's repr is cut short): which ops replaced the custom ones.
-    listing = ["forward: " + ", ".join(map(str, targets[0])), "backward: " + ", ".join(map(str, targets[1]))]
     assert targets[0].count(phi_op) == 1, listing[0]
     assert targets[1].count(phi_op) == 1, listing[1]  # phi recomputed for the weight gradient
     assert targets[1].count(backward_op) == 1, listing[1]

@@ -107,6 +107,21 @@ def _phi_kernel(x_ptr, table_ptr, wb_ptr, params_ptr, out_ptr, numel, C, B,
 
 
 @triton.jit
+def _spline_slope(table_ptr, entry, mask, t, inv_h):
+    """S'(x) = (a1 + 2 a2 t + 3 a3 t^2) / h from the table row starting at ``entry`` (exact gradients)."""
+    a1 = tl.load(table_ptr + entry + 1, mask=mask, other=0.0)
+    a2 = tl.load(table_ptr + entry + 2, mask=mask, other=0.0)
+    a3 = tl.load(table_ptr + entry + 3, mask=mask, other=0.0)
+    return a1 * inv_h + (a2 * (2.0 * inv_h) + a3 * (3.0 * inv_h) * t) * t
+
+
+@triton.jit
+def _piece_of(k, w0, w1, w2, w3):
+    """The contribution to a coefficient that is piece k (0..3) of a value's interval; 0 for any other k."""
+    return tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, tl.where(k == 3, w3, 0.0))))
+
+
+@triton.jit
 def _coefficient_pieces(g, row, t, GRID: tl.constexpr):
     """g times the four cubic pieces w_k(t) of a value's interval (zero for the end rows: outside the extended grid,
     or NaN), and the first coefficient they belong to, ``row - 4``."""
@@ -161,17 +176,11 @@ def _grad_kernel_rows(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_
         if NEED_X:
             dphi = db * wb
             if EXACT:
-                entry = (c * (GRID + 8) + row) * 4
-                a1 = tl.load(table_ptr + entry + 1, mask=mask, other=0.0)
-                a2 = tl.load(table_ptr + entry + 2, mask=mask, other=0.0)
-                a3 = tl.load(table_ptr + entry + 3, mask=mask, other=0.0)
-                dphi = dphi + (a1 * inv_h + (a2 * (2.0 * inv_h) + a3 * (3.0 * inv_h) * t) * t)
+                dphi = dphi + _spline_slope(table_ptr, (c * (GRID + 8) + row) * 4, mask, t, inv_h)
             tl.store(gx_ptr + offs, (g * dphi).to(gx_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
             w0, w1, w2, w3, first = _coefficient_pieces(g, row, t, GRID)
-            k = coefficient - first[None, :]
-            acc += tl.where(k == 0, w0[None, :], tl.where(k == 1, w1[None, :], tl.where(
-                k == 2, w2[None, :], tl.where(k == 3, w3[None, :], 0.0))))
+            acc += _piece_of(coefficient - first[None, :], w0[None, :], w1[None, :], w2[None, :], w3[None, :])
             acc_wb += g * b
     if NEED_PARAMS:
         tl.store(part_coef_ptr + (split * C + c) * NBP + tl.arange(0, NBP), tl.sum(acc, axis=1))
@@ -179,14 +188,13 @@ def _grad_kernel_rows(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_
 
 
 @triton.jit
-def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_coef_ptr, part_wb_ptr,
-                 M, C, B, blocks_per_program,
-                 GRID: tl.constexpr, BASE: tl.constexpr, EXACT: tl.constexpr, NEED_X: tl.constexpr,
-                 NEED_PARAMS: tl.constexpr, LAYOUT: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
-                 NBP: tl.constexpr):
-    """The backward for channel blocks (LAYOUT 1: B == 1, channels fastest, element (m, c) at m*C + c; used with
-    more than one channel per program). Program (s, cb) covers channels ``cb*BC ..`` and positions ``m``; tiles
-    are (BM positions, BC channels). (The kernel also takes LAYOUT 0 and 2, as ``_grad_kernel_rows`` does.)
+def _grad_kernel_channels(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_coef_ptr, part_wb_ptr,
+                          M, C, B, blocks_per_program,
+                          GRID: tl.constexpr, BASE: tl.constexpr, EXACT: tl.constexpr, NEED_X: tl.constexpr,
+                          NEED_PARAMS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr):
+    """The backward for channel blocks: an (A, C, 1) view, channels fastest in memory (channels_last and Linear
+    inputs with per-channel splines), element (m, c) at m*C + c. Program (s, cb) covers channels ``cb*BC ..`` and
+    positions ``m``; tiles are (BM positions, BC channels).
 
     The coefficient gradient is accumulated in coefficient space: a value on table row r (interval r - 4) adds
     g * w_k(t) to coefficient j = r - 4 + k, k = 0..3 (the four cubic pieces), into accumulators of shape
@@ -207,13 +215,7 @@ def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_coef_
     for it in range(0, blocks_per_program):
         m = (split * blocks_per_program + it) * BM + tl.arange(0, BM)
         mask = (m < M)[:, None] & channel_mask[None, :]
-        if LAYOUT == 0:
-            offs = m[:, None] + channels[None, :]  # channels == 0
-        elif LAYOUT == 1:
-            offs = m[:, None] * C + channels[None, :]
-        else:
-            a = m // B
-            offs = (a * C)[:, None] * B + channels[None, :] * B + (m - a * B)[:, None]
+        offs = m[:, None] * C + channels[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
         row, t = _locate(x, lo, inv_h, GRID)
@@ -221,17 +223,12 @@ def _grad_kernel(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_coef_
         if NEED_X:
             dphi = db * wb[None, :]
             if EXACT:
-                entry = (channels[None, :] * (GRID + 8) + row) * 4
-                a1 = tl.load(table_ptr + entry + 1, mask=mask, other=0.0)
-                a2 = tl.load(table_ptr + entry + 2, mask=mask, other=0.0)
-                a3 = tl.load(table_ptr + entry + 3, mask=mask, other=0.0)
-                dphi = dphi + (a1 * inv_h + (a2 * (2.0 * inv_h) + a3 * (3.0 * inv_h) * t) * t)
+                dphi = dphi + _spline_slope(table_ptr, (channels[None, :] * (GRID + 8) + row) * 4, mask, t, inv_h)
             tl.store(gx_ptr + offs, (g * dphi).to(gx_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
             w0, w1, w2, w3, first = _coefficient_pieces(g, row, t, GRID)
-            k = coefficient - first[:, :, None]  # which piece of coefficient j this value's interval is
-            acc += tl.where(k == 0, w0[:, :, None], tl.where(k == 1, w1[:, :, None], tl.where(
-                k == 2, w2[:, :, None], tl.where(k == 3, w3[:, :, None], 0.0))))
+            acc += _piece_of(coefficient - first[:, :, None], w0[:, :, None], w1[:, :, None], w2[:, :, None],
+                             w3[:, :, None])
             acc_wb += g * b
     if NEED_PARAMS:
         coef_sum = tl.sum(acc, axis=0)  # (BC, NBP): once per program
@@ -305,13 +302,13 @@ def phi_grads(x3: torch.Tensor, g3: torch.Tensor, table: torch.Tensor, base_weig
         part_coef = part_wb = table  # never written
     if x3.numel():
         common = dict(GRID=grid_size, BASE=BASE_CODES[base], EXACT=exact, NEED_X=gx3 is not None,
-                      NEED_PARAMS=need_params, LAYOUT=layout, BM=bm, NBP=nbp)
+                      NEED_PARAMS=need_params, BM=bm, NBP=nbp)
         args = (x3, g3, table, base_weight, params, x3 if gx3 is None else gx3, part_coef, part_wb, M, C, B,
                 per_program)
-        if bc == 1:
-            _grad_kernel_rows[(splits, channel_blocks)](*args, tiles_per_plane, **common)
+        if layout == 1:
+            _grad_kernel_channels[(splits, channel_blocks)](*args, BC=bc, **common)
         else:
-            _grad_kernel[(splits, channel_blocks)](*args, BC=bc, **common)
+            _grad_kernel_rows[(splits, channel_blocks)](*args, tiles_per_plane, LAYOUT=layout, **common)
     elif need_params:
         part_coef.zero_()
         part_wb.zero_()
