@@ -108,8 +108,8 @@ def _signature(kernel) -> dict:
 
 def compile_report(kernel_name: str, share: str, dtype: str, arch: int, grid_size: int = 5, exact: bool = False,
                    workdir: str = "/tmp") -> KernelReport:
-    """Compile one configuration of ``_phi_kernel`` ("forward") or ``_grad_kernel_rows`` ("backward") as the launchers in
-    ``triton_spline`` would, and read its machine code."""
+    """Compile one configuration of ``_phi_kernel`` ("forward") or ``_grad_kernel_rows`` ("backward") as the
+    launchers in ``triton_spline`` would, and read its machine code."""
     per_channel = share != "layer"
     data = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     if kernel_name == "forward":

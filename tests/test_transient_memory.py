@@ -59,8 +59,8 @@ print(json.dumps({"growth": (peak - before) / (x.numel() * 4)}))
 
 def _growth(kind: str, pieces: str = "default", backend: str = "torch") -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", MEASURE, kind, pieces, backend], env=env, capture_output=True, text=True,
-                         check=True, timeout=300).stdout
+    out = subprocess.run([sys.executable, "-c", MEASURE, kind, pieces, backend], env=env, capture_output=True,
+                         text=True, check=True, timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])["growth"]
 
 

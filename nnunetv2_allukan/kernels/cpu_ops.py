@@ -78,8 +78,6 @@ def run_ranges(call, ranges):
             f.result()
 
 
-
-
 def _arrays(*tensors):
     return [t.detach().numpy() for t in tensors]
 
@@ -89,13 +87,20 @@ def table_columns(table) -> np.ndarray:
     the permute path (``_spline_lanes``); (C, 0) where it does not apply (float64, more than 16 rows, no
     AVX-512), which sends every value to the scalar path."""
     C, n_rows, _ = table.shape
+    values = table.detach().numpy()
     if not (cpu_spline.HOST_HAS_AVX512 and table.dtype == torch.float32 and n_rows <= cpu_spline.LANES):
-        return np.zeros((C, 0), dtype=table.detach().numpy().dtype)
+        return np.zeros((C, 0), dtype=values.dtype)
     columns = np.zeros((C, 4, cpu_spline.LANES), dtype=np.float32)
-    columns[:, :, :n_rows] = table.detach().numpy().transpose(0, 2, 1)
+    columns[:, :, :n_rows] = values.transpose(0, 2, 1)
     return columns.reshape(C, 4 * cpu_spline.LANES)
 
 
+def _spline_arguments(x: np.ndarray, table, base_weight, lo: float, inv_h: float, base: str, slope: float):
+    """What both kernels take about the spline, after the data: (tables (C, rows * 4), columns, base weights,
+    constants, base code)."""
+    tables, wbs = _arrays(table.reshape(table.shape[0], -1), base_weight)
+    k = cpu_spline.constants(lo, inv_h, table.shape[1] - cpu_spline.EXTRA_ROWS, slope, x.dtype)
+    return tables, table_columns(table), wbs, k, cpu_spline.BASE_CODES[base]
 
 
 def run_phi(x3, table, base_weight, lo: float, inv_h: float, base: str, slope: float, out3, threads: int):
@@ -103,47 +108,40 @@ def run_phi(x3, table, base_weight, lo: float, inv_h: float, base: str, slope: f
     table: (C, G + 8, 4); base_weight: (C,)."""
     if x3.numel() == 0:
         return out3
-    x, out, tables, wbs = _arrays(x3, out3, table.reshape(table.shape[0], -1), base_weight)
-    k = cpu_spline.constants(lo, inv_h, table.shape[1] - cpu_spline.EXTRA_ROWS, slope, x.dtype)
+    x, out = _arrays(x3, out3)
+    spline_args = _spline_arguments(x, table, base_weight, lo, inv_h, base, slope)
     n_units, *geometry = units_for(x.shape)
-    code = cpu_spline.BASE_CODES[base]
-    columns = table_columns(table)
-    run_ranges(lambda u0, u1: cpu_spline.phi_units(x, out, tables, columns, wbs, k, code, u0, u1, *geometry),
+    run_ranges(lambda u0, u1: cpu_spline.phi_units(x, out, *spline_args, u0, u1, *geometry),
                split_units(n_units, x.size, threads))
     return out3
 
 
 def run_phi_grads(x3, g3, table, base_weight, lo: float, inv_h: float, base: str, slope: float, exact: bool, gx3,
-              need_params: bool, threads: int, phi3=None):
+                  need_params: bool, threads: int, phi3=None):
     """Write dL/dx into gx3 (when given) and phi(x3) into phi3 (when given), and return (dL/dtable,
     dL/dbase_weight) (None unless need_params). g3 is dL/dphi in x3's layout and dtype."""
-    need_x = gx3 is not None
+    need_x, need_phi = gx3 is not None, phi3 is not None
     C = table.shape[0]
     grad_table = torch.zeros_like(table) if need_params else None
     grad_wb = torch.zeros_like(base_weight) if need_params else None
-    need_phi = phi3 is not None
     if x3.numel() == 0 or not (need_x or need_params or need_phi):
         return grad_table, grad_wb
-    x, g, tables, wbs = _arrays(x3, g3, table.reshape(C, -1), base_weight)
+    x, g = _arrays(x3, g3)
     # An output that is not needed is a one-value placeholder of its own (never written): were it x, the
     # vectoriser's run-time overlap check would fail and every chunk would run the scalar loop.
     gx = gx3.detach().numpy() if need_x else np.empty(1, x.dtype)
     phi_out = phi3.detach().numpy() if need_phi else np.empty(1, x.dtype)
-    k = cpu_spline.constants(lo, inv_h, table.shape[1] - cpu_spline.EXTRA_ROWS, slope, x.dtype)
+    spline_args = _spline_arguments(x, table, base_weight, lo, inv_h, base, slope)
     n_units, *geometry = units_for(x.shape)
-    cells = tables.shape[1]
-    part_table = np.empty((n_units if need_params else 0, cells), x.dtype)
+    part_table = np.empty((n_units if need_params else 0, spline_args[0].shape[1]), x.dtype)
     part_wb = np.empty(n_units if need_params else 0, x.dtype)
-    code = cpu_spline.BASE_CODES[base]
-    columns = table_columns(table)
-    run_ranges(lambda u0, u1: cpu_spline.grad_units(x, g, gx, phi_out, tables, columns, wbs, k, code, exact, need_x,
-                                                    need_params, need_phi, part_table, part_wb, u0, u1, *geometry),
+    run_ranges(lambda u0, u1: cpu_spline.grad_units(x, g, gx, phi_out, *spline_args, exact, need_x, need_params,
+                                                    need_phi, part_table, part_wb, u0, u1, *geometry),
                split_units(n_units, x.size, threads))
     if need_params:
         out_table, out_wb = _arrays(grad_table.view(C, -1), grad_wb)
         cpu_spline.reduce_partials(part_table, part_wb, C, out_table, out_wb)
     return grad_table, grad_wb
-
 
 
 def _compute_view(layout: spline.MemoryLayout, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,10 +171,11 @@ def spline_phi_backward_cpu(x: torch.Tensor, grad_phi: torch.Tensor, table: torc
                             lo: float, inv_h: float, channel_dim: Optional[int], base: str, leaky_slope: float,
                             exact: bool, need_x: bool, need_params: bool, phi_dtype: Optional[torch.dtype] = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dL/dx in x's dtype, dL/dcoefficients (C, G + 3), dL/dbase_weight, phi(x) in ``phi_dtype``); an output that is
-    not needed is an empty tensor, phi among them when ``phi_dtype`` is None. (The kernels sum the table gradient,
-    4 x (G + 8) cells per spline; ``spline.table_gradient_to_coefficients`` maps it to the coefficients.) phi comes from the same pass over x: a KA layer's
-    backward needs it for its weight gradient, and the conv's input gradient (``grad_phi``) does not need it."""
+    """(dL/dx in x's dtype, dL/dcoefficients (C, G + 3), dL/dbase_weight, phi(x) in ``phi_dtype``); an output
+    that is not needed is an empty tensor, phi among them when ``phi_dtype`` is None. (The kernels sum the table
+    gradient, 4 x (G + 8) cells per spline; ``spline.table_gradient_to_coefficients`` maps it to the coefficients.)
+    phi comes from the same pass over x: a KA layer's backward needs it for its weight gradient, and the conv's
+    input gradient (``grad_phi``) does not need it."""
     layout = spline.MemoryLayout(x, channel_dim, table.shape[0])
     compute = table.dtype
     grad_x = layout.empty(compute) if need_x else None

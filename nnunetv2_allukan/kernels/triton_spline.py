@@ -142,10 +142,11 @@ def _grad_kernel_rows(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, part_
                       M, C, B, blocks_per_program, tiles_per_plane,
                       GRID: tl.constexpr, BASE: tl.constexpr, EXACT: tl.constexpr, NEED_X: tl.constexpr,
                       NEED_PARAMS: tl.constexpr, LAYOUT: tl.constexpr, BM: tl.constexpr, NBP: tl.constexpr):
-    """The backward for one spline per program (LAYOUT 0: share="layer", C == 1, M values; LAYOUT 2: channel c of an
-    (A, C, B) view with B > 1, M = A planes of ``tiles_per_plane`` tiles each): program (s, c) covers tiles of
-    channel c, BM values per trip, as 1-D tiles. Accumulators (NBP, BM): every thread keeps the coefficient sums of its own values across the loop, so the
-    loop has no reduction across threads (and no block barrier); they are summed once after it."""
+    """The backward for one spline per program (LAYOUT 0: share="layer", C == 1, M values; LAYOUT 2: channel c of
+    an (A, C, B) view with B > 1, M = A planes of ``tiles_per_plane`` tiles each): program (s, c) covers tiles of
+    channel c, BM values per trip, as 1-D tiles. Accumulators (NBP, BM): every thread keeps the coefficient sums of
+    its own values across the loop, so the loop has no reduction across threads (and no block barrier); they are
+    summed once after it."""
     split = tl.program_id(0)
     c = tl.program_id(1)
     lane = tl.arange(0, BM)
