@@ -31,6 +31,7 @@ from nnunetv2_allukan.tools.crossval import fold_folder, label_order
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling report module, also when loaded by path
 from accuracy_report import report  # noqa: E402
+import accuracy_postprocessing as pp  # noqa: E402
 
 PLANS = {"default": "nnUNetPlans", "resencm": "nnUNetResEncUNetMPlans"}  # --plans: nnU-Net's default or ResEnc M
 TASKS = {"icbm": {"dataset_id": 511, "name": "Dataset511_ICBM152Tissue2D", "configuration": "2d"},
@@ -342,6 +343,56 @@ def rescore(args) -> int:
     return 0
 
 
+def postprocessing(args) -> int:
+    """nnU-Net's own postprocessing decided on the finished folds of each trainer (``find_best_configuration``,
+    ensembling off) and the false positives before and after it (accuracy_postprocessing.py); writes
+    ``postprocessing_<task>_<budget>.json/.md`` to ``--out``. Every fold must have finished for every trainer."""
+    workdir = os.path.abspath(args.workdir)
+    task = TASKS[args.task]
+    tag = budget_tag(args.epochs, args.iterations, args.plans, args.batch_size)
+    env = task_environment(workdir, tag, args.seed)
+    plans = PLANS[args.plans]
+    for trainer in args.trainers:
+        for fold in args.folds:
+            summary = os.path.join(fold_folder(env["nnUNet_results"], task["name"], trainer, plans,
+                                               task["configuration"], fold), "validation", "summary.json")
+            if not os.path.isfile(summary):
+                raise SystemExit(f"[accuracy] {trainer} fold {fold} has no finished validation ({summary}); run "
+                                 f"it first: python benchmarks/accuracy.py run --task {args.task} --trainers "
+                                 f"{trainer} --folds {fold} --epochs {args.epochs} --iterations {args.iterations} "
+                                 f"--seeds {args.seed} --workdir {args.workdir}")
+    pre = os.path.join(env["nnUNet_preprocessed"], task["name"])
+    with open(os.path.join(pre, "splits_final.json")) as f:
+        splits = json.load(f)
+    with open(os.path.join(pre, "dataset.json")) as f:
+        dataset = json.load(f)
+    file_ending = dataset["file_ending"]
+    fold_cases = pp.with_file_ending(pp.fold_cases_from_splits(splits, args.folds), file_ending)
+    table = {"task": args.task, "budget": tag, "folds": args.folds, "seed": args.seed,
+             "labels": {k: v for k, v in dataset["labels"].items() if v != 0},
+             "command": (f"python benchmarks/accuracy.py postprocessing --task {args.task} --trainers "
+                         f"{' '.join(args.trainers)} --folds {' '.join(map(str, args.folds))} --epochs {args.epochs} "
+                         f"--iterations {args.iterations} --seed {args.seed} --plans {args.plans}"),
+             "trainers": {}}
+    for trainer in args.trainers:
+        print(f"[accuracy] {trainer}: nnU-Net's find_best_configuration on folds {args.folds}", flush=True)
+        pp.run_find_best_configuration(nnunet_command("nnUNetv2_find_best_configuration"), task["dataset_id"],
+                                       task["configuration"], trainer, plans, args.folds, env)
+        folder = pp.crossval_folder(env["nnUNet_results"], task["name"], trainer, plans, task["configuration"],
+                                    args.folds)
+        table["trainers"][trainer] = pp.trainer_record(folder, fold_cases)
+    markdown = pp.markdown(table)
+    print(markdown, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, f"postprocessing_{args.task}_{tag}")
+        with open(stem + ".json", "w") as f:
+            json.dump(table, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown)
+    return 0
+
+
 def initial_network(task: str, trainer_name: str, fold: int, seed: int, workdir: str, plans_name: str = "default",
                     batch_size: int | None = None):
     """The network a run of ``train_one`` started from: the same ``seeded_trainer``, then nnU-Net's ``initialize``
@@ -444,6 +495,19 @@ def main(argv=None) -> int:
                                        "summaries (after a change of definition; no training)")
     p.add_argument("--workdir", required=True)
     p.set_defaults(func=rescore)
+    p = sub.add_parser("postprocessing", help="nnU-Net's postprocessing on finished folds, and the false "
+                                              "positives (absent classes predicted) before and after it")
+    p.add_argument("--task", choices=sorted(TASKS), required=True)
+    p.add_argument("--trainers", nargs="+", required=True)
+    p.add_argument("--folds", type=int, nargs="+", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument("--plans", choices=sorted(PLANS), default="default")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help="folder for postprocessing_*.md/.json (default: print only)")
+    p.set_defaults(func=postprocessing)
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default="docs/accuracy_results")

@@ -293,3 +293,40 @@ def test_a_trainer_reported_under_the_defaults_name_has_exactly_the_defaults_rec
         for k, v in own.items():  # whatever it sets, it sets to the default's value; it overrides no method
             assert not callable(v) and getattr(d, k) == v, k
         assert reporting.run_label({"trainer": alias}) == default
+
+
+def _case(name, **per_class):
+    """A metric_per_case entry of nnU-Net's summary.json: per class (n_ref, n_pred, Dice)."""
+    return {"reference_file": f"/gt/{name}.nii.gz", "prediction_file": f"/pred/{name}.nii.gz",
+            "metrics": {k[1:]: {"n_ref": r, "n_pred": p, "Dice": d} for k, (r, p, d) in per_class.items()}}
+
+
+def test_false_positive_counts_per_fold_are_counted_from_the_cases():
+    pp = _load("accuracy_postprocessing")
+    nan = float("nan")
+    summary = {"metric_per_case": [
+        # fold 0: class 1 everywhere, class 2 only in case a; case b predicts class 2 (stray, class present in
+        # the fold), case a predicts class 3, absent from the whole fold
+        _case("a", c1=(10, 12, 0.8), c2=(5, 5, 0.6), c3=(0, 4, 0.0)),
+        _case("b", c1=(8, 8, 0.5), c2=(0, 7, 0.0), c3=(0, 0, nan)),
+        # fold 1: nothing stray; class 2 neither in the reference nor predicted (Dice undefined, not counted)
+        _case("c", c1=(9, 9, 0.9), c2=(0, 0, nan), c3=(3, 3, 0.7)),
+    ]}
+    counts = pp.false_positive_counts(summary, {0: {"a.nii.gz", "b.nii.gz"}, 1: {"c.nii.gz"}})
+    assert counts["0"]["absent_classes_predicted"] == ["3"]
+    assert counts["0"]["stray_case_classes"] == 2 and counts["0"]["stray_voxels"] == 4 + 7
+    # present in fold 0: classes 1 and 2; class 2's Dice is the mean over the cases where it is defined (a and b)
+    assert counts["0"]["foreground_mean"] == pytest.approx(((0.8 + 0.5) / 2 + (0.6 + 0.0) / 2) / 2)
+    assert counts["1"] == {"cases": 1, "foreground_mean": pytest.approx(0.8), "absent_classes_predicted": [],
+                           "stray_case_classes": 0, "stray_voxels": 0}
+    with pytest.raises(ValueError, match="without a prediction"):
+        pp.false_positive_counts(summary, {2: {"d.nii.gz"}})
+
+
+def test_postprocessing_asks_for_the_missing_fold_and_writes_nothing(tmp_path, capsys):
+    accuracy = _accuracy_module()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="fold 3 has no finished validation.*accuracy.py run --task parcellation"):
+        accuracy.main(["postprocessing", "--task", "parcellation", "--trainers", "nnUNetTrainer", "--folds", "3",
+                       "--epochs", "80", "--workdir", str(tmp_path), "--out", str(out)])
+    assert not out.exists()

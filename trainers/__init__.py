@@ -14,7 +14,9 @@ from .variants import (nnUNetTrainerAllUKAN_5epochs, nnUNetTrainerAllUKAN_10epoc
                        nnUNetTrainerAllUKAN_splineSGD,
                        nnUNetTrainerAllUKAN_splineSGD10x, nnUNetTrainerAllUKAN_splineWarmup,
                        nnUNetTrainerAllUKAN_shareGroup, nnUNetTrainerAllUKAN_noTokens,
-                       nnUNetTrainerAllUKAN_noTokensSplineAdam)
+                       nnUNetTrainerAllUKAN_noTokensSplineAdam, nnUNetTrainerAllUKAN_grid3,
+                       nnUNetTrainerAllUKAN_grid8, nnUNetTrainerAllUKAN_splineLr3em4,
+                       nnUNetTrainerAllUKAN_splineLr3em3)
 
 TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnUNetTrainerAllUKAN_exactGrad",
                  "nnUNetTrainerAllUKAN_shareChannel", "nnUNetTrainerAllUKAN_skipAdd",
@@ -27,6 +29,9 @@ TRAINER_NAMES = ["nnUNetTrainerAllUKAN", "nnUNetTrainerAllUKAN_AdamCosine", "nnU
                  "nnUNetTrainerAllUKAN_leakyInit", "nnUNetTrainerAllUKAN_splineSGD", "nnUNetTrainerAllUKAN_splineAdam",
                  "nnUNetTrainerAllUKAN_splineAdamNoClip", "nnUNetTrainerAllUKAN_splineSGD10x",
                  "nnUNetTrainerAllUKAN_splineWarmup", "nnUNetTrainerAllUKAN_shareGroup",
-                 "nnUNetTrainerAllUKAN_noTokens", "nnUNetTrainerAllUKAN_noTokensSplineAdam"]
+                 "nnUNetTrainerAllUKAN_noTokens", "nnUNetTrainerAllUKAN_noTokensSplineAdam",
+                 # round-3 recipe screens
+                 "nnUNetTrainerAllUKAN_grid3", "nnUNetTrainerAllUKAN_grid8", "nnUNetTrainerAllUKAN_splineLr3em4",
+                 "nnUNetTrainerAllUKAN_splineLr3em3"]
 
 __all__ = TRAINER_NAMES + ["TRAINER_NAMES"]

@@ -108,3 +108,25 @@ class nnUNetTrainerAllUKAN_splineSGD10x(nnUNetTrainerAllUKAN):
 class nnUNetTrainerAllUKAN_splineWarmup(nnUNetTrainerAllUKAN):
     """Spline parameters frozen for the first 10 % of the epochs, then nnU-Net's SGD and schedule (own group)."""
     spline_optimizer, spline_lr, spline_warmup_fraction = "sgd", 1e-2, 0.1
+
+
+# Round-3 recipe screens (issue 23): one knob of the default recipe each (the splines' own Adam stays).
+
+class nnUNetTrainerAllUKAN_grid3(nnUNetTrainerAllUKAN):
+    """3 spline intervals over the grid range instead of 5: a smoother, cheaper phi."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "grid_size": 3}
+
+
+class nnUNetTrainerAllUKAN_grid8(nnUNetTrainerAllUKAN):
+    """8 spline intervals over the grid range instead of 5: a more flexible phi."""
+    ka_kwargs = {**nnUNetTrainerAllUKAN.ka_kwargs, "grid_size": 8}
+
+
+class nnUNetTrainerAllUKAN_splineLr3em4(nnUNetTrainerAllUKAN):
+    """The splines' Adam at lr 3e-4 instead of 1e-3."""
+    spline_lr = 3e-4
+
+
+class nnUNetTrainerAllUKAN_splineLr3em3(nnUNetTrainerAllUKAN):
+    """The splines' Adam at lr 3e-3 instead of 1e-3."""
+    spline_lr = 3e-3
