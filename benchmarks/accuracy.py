@@ -343,6 +343,35 @@ def rescore(args) -> int:
     return 0
 
 
+def class_sizes(workdir: str) -> dict:
+    """Per task whose raw dataset is in the work folder: each foreground label's name and share of the labelled
+    foreground voxels over all its cases (the size of a structure, for the report's per-class table)."""
+    import nibabel
+    import numpy as np
+    sizes = {}
+    for task, spec in TASKS.items():
+        folder = os.path.join(workdir, "raw", spec["name"])
+        if not os.path.isfile(os.path.join(folder, "dataset.json")):
+            continue
+        with open(os.path.join(folder, "dataset.json")) as f:
+            dataset = json.load(f)
+        names = {str(v): k for k, v in dataset["labels"].items() if isinstance(v, int) and v != 0}
+        counts = dict.fromkeys(names, 0)
+        for path in sorted(glob.glob(os.path.join(folder, "labelsTr", "*" + dataset["file_ending"]))):
+            values, n = np.unique(np.asarray(nibabel.load(path).dataobj), return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist()):
+                if str(int(v)) in counts:
+                    counts[str(int(v))] += c
+        total = sum(counts.values())
+        if total:
+            sizes[task] = {k: {"name": names[k], "share": c / total} for k, c in counts.items()}
+    return sizes
+
+
+def report_command(args) -> int:
+    return report(args, class_sizes(os.path.abspath(args.workdir)))
+
+
 def postprocessing(args) -> int:
     """nnU-Net's own postprocessing decided on the finished folds of each trainer (``find_best_configuration``,
     ensembling off) and the false positives before and after it (accuracy_postprocessing.py); writes
@@ -511,7 +540,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", default="docs/accuracy_results")
-    p.set_defaults(func=report)
+    p.set_defaults(func=report_command)
     args = parser.parse_args(argv)
     return args.func(args)
 

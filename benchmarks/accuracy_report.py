@@ -49,11 +49,22 @@ def _rounded_curves(curves: dict) -> dict:
     return {k: [round(v, 5) for v in values] for k, values in curves.items()}
 
 
-def report(args) -> int:
+def report(args, class_sizes: dict | None = None) -> int:
     """Tables (Markdown), every run's record (JSON, learning curves rounded) and plots. Runs already in
-    ``<out>/runs.json`` are kept, so a report made in a fresh work folder adds to the stored results."""
+    ``<out>/runs.json`` are kept, so a report made in a fresh work folder adds to the stored results; likewise the
+    classes' sizes (``class_sizes``: task -> label -> name and share of the foreground voxels) in
+    ``<out>/class_sizes.json``."""
     rows = collect_records(args.workdir, os.path.join(args.out, "runs.json"))
     os.makedirs(args.out, exist_ok=True)
+    sizes_file = os.path.join(args.out, "class_sizes.json")
+    sizes = {}
+    if os.path.isfile(sizes_file):
+        with open(sizes_file) as f:
+            sizes = json.load(f)
+    sizes.update(class_sizes or {})
+    if sizes:
+        with open(sizes_file, "w") as f:
+            json.dump(sizes, f, indent=1, sort_keys=True)
     stored = [{**r, "curves": _rounded_curves(r["curves"])} if r.get("curves") else r for r in rows]
     with open(os.path.join(args.out, "runs.json"), "w") as f:
         json.dump(sorted(stored, key=lambda r: tuple(map(str, run_key(r)))), f, indent=1)
@@ -75,7 +86,7 @@ def report(args) -> int:
                      f"{per_class} | {r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
     with open(os.path.join(args.out, "runs.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    summary = summary_tables(rows)
+    summary = summary_tables(rows) + per_class_tables(rows, sizes)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
     print("\n".join(lines))
@@ -219,6 +230,58 @@ def summary_tables(rows: list[dict]) -> str:
                    f"{c['train_seconds']:.0f} | {c['foreground_mean']:.4f} | "
                    f"{r['foreground_mean'] - c['foreground_mean']:+.4f} |")
     return "\n".join(out) + "\n"
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+    return float(spearmanr(a, b).statistic)
+
+
+def per_class_tables(rows: list[dict], sizes: dict, min_folds: int = 3) -> str:
+    """Markdown: for tasks with more than two foreground classes, per class and trainer the mean Dice over the
+    folds whose held-out reference contains the class (``classes_present``), paired with nnU-Net's CNN on the same
+    folds, and the class's share of the task's foreground voxels where ``sizes`` knows it; per trainer the Spearman
+    rank correlation between that share and the difference to the CNN. Only trainers with ``min_folds`` folds
+    paired with the CNN (fewer folds leave most classes on one or two folds)."""
+    out = ["", "## Per class (tasks with more than two foreground classes)", "",
+           f"Mean Dice of each class over the folds whose held-out reference contains it, for trainers with at least "
+           f"{min_folds} folds paired with `{BASELINE}` (same task, plans, budget and seed); size: the class's share "
+           "of the task's foreground voxels (all labelled cases); ρ: Spearman rank correlation of size and Δ over "
+           "the classes.", ""]
+    groups: dict = {}
+    for r in rows:
+        if len(r["dice"]) > 2 and r.get("classes_present") is not None:
+            groups.setdefault((*_setting(r), r["iterations"], r["seed"]), {}).setdefault(r["trainer"], {})[
+                r["fold"]] = r
+    any_table = False
+    for key in sorted(groups):
+        cnn = groups[key].get(BASELINE, {})
+        task_sizes = sizes.get(key[0], {})
+        for trainer in sorted(t for t in groups[key] if t != BASELINE):
+            folds = sorted(set(cnn) & set(groups[key][trainer]))
+            if len(folds) < min_folds:
+                continue
+            any_table = True
+            out += [f"**{key[0]}, {key[1]}, {key[2]} iterations, seed {key[3]}: {trainer} against {BASELINE}, "
+                    f"folds {','.join(map(str, folds))}**", "",
+                    "| class | size | folds present | CNN | " + trainer + " | Δ |", "|---|---|---|---|---|---|"]
+            labels = sorted({k for f in folds for k in cnn[f]["classes_present"]}, key=label_order)
+            deltas, shares = [], []
+            for k in labels:
+                present = [f for f in folds if k in cnn[f]["classes_present"]]
+                a = statistics.mean(cnn[f]["dice"][k] for f in present)
+                b = statistics.mean(groups[key][trainer][f]["dice"][k] for f in present)
+                info = task_sizes.get(k, {})
+                share = info.get("share")
+                if share is not None:
+                    deltas.append(b - a)
+                    shares.append(share)
+                out.append(f"| {info.get('name', k)} | {'–' if share is None else f'{share:.1%}'} | {len(present)} | "
+                           f"{a:.3f} | {b:.3f} | {b - a:+.3f} |")
+            if len(deltas) >= 3:
+                out += ["", f"ρ(size, Δ) = {_spearman(shares, deltas):+.2f} over {len(deltas)} classes."]
+            out.append("")
+    return "\n".join(out) + "\n" if any_table else ""
 
 
 def _plot_boxes(rows, path):

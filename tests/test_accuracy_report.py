@@ -330,3 +330,47 @@ def test_postprocessing_asks_for_the_missing_fold_and_writes_nothing(tmp_path, c
         accuracy.main(["postprocessing", "--task", "parcellation", "--trainers", "nnUNetTrainer", "--folds", "3",
                        "--epochs", "80", "--workdir", str(tmp_path), "--out", str(out)])
     assert not out.exists()
+
+
+def _parcellation_run(trainer, fold, dice, present):
+    r = _run(trainer, fold, 2000, 0.0, 100.0, task="parcellation")
+    r.update(dice={str(k): v for k, v in dice.items()}, classes_present=[str(k) for k in present])
+    return r
+
+
+def test_per_class_table_averages_each_class_over_the_folds_that_contain_it():
+    report = _report_module()
+    cnn, ka = "nnUNetTrainer", "nnUNetTrainerAllUKAN"
+    # class 3 is absent from fold 2: its Dice there (0.0, stray voxels) must not enter either mean
+    rows = [_parcellation_run(cnn, 0, {1: 0.5, 2: 0.4, 3: 0.2}, [1, 2, 3]),
+            _parcellation_run(ka, 0, {1: 0.6, 2: 0.3, 3: 0.4}, [1, 2, 3]),
+            _parcellation_run(cnn, 1, {1: 0.7, 2: 0.2, 3: 0.6}, [1, 2, 3]),
+            _parcellation_run(ka, 1, {1: 0.7, 2: 0.5, 3: 0.5}, [1, 2, 3]),
+            _parcellation_run(cnn, 2, {1: 0.9, 2: 0.6, 3: 0.0}, [1, 2]),
+            _parcellation_run(ka, 2, {1: 0.85, 2: 0.6, 3: 0.0}, [1, 2])]
+    sizes = {"parcellation": {"1": {"name": "big", "share": 0.6}, "2": {"name": "mid", "share": 0.3},
+                              "3": {"name": "small", "share": 0.1}}}
+    table = report.per_class_tables(rows, sizes)
+    assert _row(table, "big") == ["big", "60.0%", "3", "0.700", "0.717", "+0.017"]
+    assert _row(table, "small")[2:] == ["2", "0.400", "0.450", "+0.050"]
+    # deltas: big +0.017, mid +0.067, small +0.05: ranks of size 3,2,1 against ranks of delta 1,3,2
+    assert "ρ(size, Δ) = -0.50 over 3 classes" in table
+    # fewer folds than asked for: no table
+    assert report.per_class_tables(rows, sizes, min_folds=4) == ""
+
+
+def test_class_sizes_are_the_shares_of_the_labelled_foreground(tmp_path):
+    nibabel = pytest.importorskip("nibabel")
+    import numpy as np
+    accuracy = _accuracy_module()
+    folder = tmp_path / "raw" / accuracy.TASKS["parcellation"]["name"]
+    (folder / "labelsTr").mkdir(parents=True)
+    (folder / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2, "never": 3},
+                                                     "file_ending": ".nii.gz"}))
+    for name, data in (("c1", [[0, 1], [1, 2]]), ("c2", [[1, 1], [0, 0]])):
+        nibabel.save(nibabel.Nifti1Image(np.array(data, dtype=np.uint8)[..., None], np.eye(4)),
+                     str(folder / "labelsTr" / f"{name}.nii.gz"))
+    sizes = accuracy.class_sizes(str(tmp_path))
+    assert set(sizes) == {"parcellation"}
+    assert sizes["parcellation"] == {"1": {"name": "a", "share": 0.8}, "2": {"name": "b", "share": 0.2},
+                                     "3": {"name": "never", "share": 0.0}}
