@@ -42,6 +42,7 @@ _RESOURCES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 class KernelReport:
     kernel: str            # "forward" or "backward"
     share: str             # "layer" or "channel"
+    layout: str            # "planes" (channels outermost, the NCHW view) or "channels_fastest" (channels_last, Linear)
     dtype: str             # dtype of x and dL/dphi (the math is fp32)
     arch: int
     grid_size: int
@@ -107,10 +108,16 @@ def _signature(kernel) -> dict:
 
 
 def compile_report(kernel_name: str, share: str, dtype: str, arch: int, grid_size: int = 5, exact: bool = False,
-                   workdir: str = "/tmp") -> KernelReport:
-    """Compile one configuration of ``_phi_kernel`` ("forward") or ``_grad_kernel_rows`` ("backward") as the
-    launchers in ``triton_spline`` would, and read its machine code."""
+                   workdir: str = "/tmp", layout: str = "planes") -> KernelReport:
+    """Compile one configuration of ``_phi_kernel`` ("forward") or the backward (``_grad_kernel_rows`` for
+    ``layout="planes"``, ``_grad_kernel_channels`` for per-channel splines with ``layout="channels_fastest"``) as
+    the launchers in ``triton_spline`` would, and read its machine code."""
     per_channel = share != "layer"
+    if layout not in ("planes", "channels_fastest"):
+        raise ValueError(f"layout={layout!r}; allowed: 'planes', 'channels_fastest'")
+    if layout == "channels_fastest" and (kernel_name != "backward" or not per_channel):
+        raise ValueError("the channels-fastest kernel is the backward of per-channel splines (share='channel'); "
+                         "the forward and share='layer' read every layout as planes")
     data = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     if kernel_name == "forward":
         kernel = triton_spline._phi_kernel
@@ -120,13 +127,21 @@ def compile_report(kernel_name: str, share: str, dtype: str, arch: int, grid_siz
                      "BLOCK": triton_spline.PHI_BLOCK}
         values_per_trip = triton_spline.PHI_BLOCK
     else:
-        kernel = triton_spline._grad_kernel_rows
         pointer_types = {"x_ptr": data, "g_ptr": data, "table_ptr": "*fp32", "wb_ptr": "*fp32",
                          "params_ptr": "*fp32", "gx_ptr": data, "part_coef_ptr": "*fp32", "part_wb_ptr": "*fp32"}
-        bm = triton_spline.BACKWARD_TILE
         constants = {"GRID": grid_size, "BASE": 0, "EXACT": exact, "NEED_X": True, "NEED_PARAMS": True,
-                     "LAYOUT": 2 if per_channel else 0, "BM": bm, "NBP": triton.next_power_of_2(grid_size + 3)}
-        values_per_trip = bm
+                     "NBP": triton.next_power_of_2(grid_size + 3)}
+        if layout == "planes":
+            kernel = triton_spline._grad_kernel_rows
+            bm = triton_spline.BACKWARD_TILE
+            constants.update(LAYOUT=2 if per_channel else 0, BM=bm)
+            values_per_trip = bm
+        else:  # as phi_grads launches it for (A, C, 1) views: 32 channels per tile
+            kernel = triton_spline._grad_kernel_channels
+            bc = 32
+            bm = max(1, triton_spline.BACKWARD_TILE // bc)
+            constants.update(BM=bm, BC=bc)
+            values_per_trip = bm * bc
     signature = _signature(kernel)
     for name in signature:
         if name in pointer_types:
@@ -141,7 +156,7 @@ def compile_report(kernel_name: str, share: str, dtype: str, arch: int, grid_siz
     per_thread = values_per_trip / (32 * num_warps)
     spill_instructions = sum(1 for t in body if re.search(r"\b(LDL|STL)\b", t))
     return KernelReport(
-        kernel=kernel_name, share=share, dtype=dtype, arch=arch, grid_size=grid_size, exact=exact,
+        kernel=kernel_name, share=share, layout=layout, dtype=dtype, arch=arch, grid_size=grid_size, exact=exact,
         num_warps=num_warps, values_per_thread_per_trip=per_thread, loop_instructions=len(body),
         loop_instructions_per_element=len(body) / per_thread,
         loop_barriers=sum(1 for t in body if re.search(r"\bBAR\b", t)) if loop is not None else 0,
@@ -156,14 +171,18 @@ def run(archs=(90, 80), shares=("layer", "channel"), dtypes=("fp16", "fp32"), wo
             for dtype in dtypes:
                 for kernel in ("forward", "backward"):
                     reports.append(asdict(compile_report(kernel, share, dtype, arch, workdir=workdir)))
+                if share != "layer":
+                    reports.append(asdict(compile_report("backward", share, dtype, arch, workdir=workdir,
+                                                         layout="channels_fastest")))
     return reports
 
 
 def markdown(reports: list[dict]) -> str:
-    lines = ["| kernel | share | dtype | arch | warps | values / thread / trip | loop instr. | instr. / value | "
-             "barriers in loop | registers | shared B | spills |", "|" + "---|" * 12]
+    lines = ["| kernel | share | layout | dtype | arch | warps | values / thread / trip | loop instr. | instr. / value | "
+             "barriers in loop | registers | shared B | spills |", "|" + "---|" * 13]
     for r in reports:
-        lines.append(f"| {r['kernel']} | {r['share']} | {r['dtype']} | sm_{r['arch']} | {r['num_warps']} | "
+        lines.append(f"| {r['kernel']} | {r['share']} | {r['layout']} | {r['dtype']} | sm_{r['arch']} | "
+                     f"{r['num_warps']} | "
                      f"{r['values_per_thread_per_trip']:g} | {r['loop_instructions']} | "
                      f"{r['loop_instructions_per_element']:.0f} | {r['loop_barriers']} | {r['registers']} | "
                      f"{r['shared_bytes']} | {r['spills']} |")

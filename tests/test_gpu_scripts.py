@@ -99,10 +99,14 @@ def test_kernel_sass_reads_the_compiled_backward_kernel(tmp_path):
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_sass.py"), "--arch", "90", "--share", "layer",
-                    "--dtype", "fp16", "--json", str(out), "--workdir", str(tmp_path)], check=True, env=env,
+                    "channel", "--dtype", "fp16", "--json", str(out), "--workdir", str(tmp_path)], check=True, env=env,
                    capture_output=True, text=True, timeout=600)
-    records = {r["kernel"]: r for r in json.loads(out.read_text())}
-    assert set(records) == {"forward", "backward"}
+    every = json.loads(out.read_text())
+    assert {(r["kernel"], r["share"], r["layout"]) for r in every} == {
+        ("forward", "layer", "planes"), ("backward", "layer", "planes"), ("forward", "channel", "planes"),
+        ("backward", "channel", "planes"), ("backward", "channel", "channels_fastest")}
+    assert all(r["loop_instructions"] > 50 for r in every if r["kernel"] == "backward")  # each loop found and read
+    records = {r["kernel"]: r for r in every if r["share"] == "layer"}
     backward = records["backward"]
     for key in ("loop_instructions_per_element", "registers", "loop_barriers", "spills"):
         assert key in backward

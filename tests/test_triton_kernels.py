@@ -124,6 +124,16 @@ def test_half_and_float_inputs_in_every_layout(share, dtype, layout):
     assert result[1].stride() == x.stride() or layout == "strided_slice"
 
 
+@pytest.mark.parametrize("spline_grad", ["free", "exact"])
+def test_channels_fastest_backward_with_several_channel_blocks(spline_grad):
+    """Per-channel splines on a channels-fastest view (channels_last, B == 1) with more channels than one block
+    holds (37: two blocks of 32, the second partly masked) and a position count that is no multiple of the tile:
+    the flat (positions x channels) tiles of _grad_kernel_channels against the torch path."""
+    act = _activation("channel", spline_grad, channels=37)
+    x = _difficult_input((3, 37, 5, 7), torch.float64).to(memory_format=torch.channels_last)
+    _compare_backends(act, x, rtol=1e-12, atol=1e-12)
+
+
 def test_many_programs_and_deterministic_gradients():
     """Enough values for many programs of the backward kernel (several partial slots per channel): the reduction
     of the partial sums matches the torch path and is bitwise reproducible."""

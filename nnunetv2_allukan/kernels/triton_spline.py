@@ -195,47 +195,53 @@ def _grad_kernel_channels(x_ptr, g_ptr, table_ptr, wb_ptr, params_ptr, gx_ptr, p
                           NEED_PARAMS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr, NBP: tl.constexpr):
     """The backward for channel blocks: an (A, C, 1) view, channels fastest in memory (channels_last and Linear
     inputs with per-channel splines), element (m, c) at m*C + c. Program (s, cb) covers channels ``cb*BC ..`` and
-    positions ``m``; tiles are (BM positions, BC channels).
+    positions ``m``; a tile is BM positions x BC channels, handled as one flat block of BM*BC values (position
+    major), so that it is laid out and accumulated exactly as ``_grad_kernel_rows``'s 1-D tiles.
 
     The coefficient gradient is accumulated in coefficient space: a value on table row r (interval r - 4) adds
     g * w_k(t) to coefficient j = r - 4 + k, k = 0..3 (the four cubic pieces), into accumulators of shape
-    (BM, BC, NBP) that every thread keeps for its own values across the loop; they, and g * b(x), are summed over
-    the positions once, after the loop. No reduction across threads inside the loop, hence no block barrier (the
-    first kernel reduced a one-hot over the table rows through shared memory on every tile: 28 barriers per tile).
+    (NBP, BM*BC) that every thread keeps for its own values across the loop; they, and g * b(x), are summed over
+    the positions once, after the loop. Nothing crosses threads inside the loop, hence no block barrier there (a
+    (BM, BC, NBP) accumulator made Triton convert layouts through shared memory every trip: 10 barriers).
     """
     split = tl.program_id(0)
-    channels = tl.program_id(1) * BC + tl.arange(0, BC)
+    lane = tl.arange(0, BM * BC)
+    position = lane // BC  # BC is a power of two: a shift, computed once
+    channels = tl.program_id(1) * BC + lane % BC
     channel_mask = channels < C
     lo = tl.load(params_ptr)
     inv_h = tl.load(params_ptr + 1)
     slope = tl.load(params_ptr + 2)
-    wb = tl.load(wb_ptr + channels, mask=channel_mask, other=0.0)
-    coefficient = tl.arange(0, NBP)[None, None, :]
-    acc = tl.zeros((BM, BC, NBP), dtype=lo.dtype)
-    acc_wb = tl.zeros((BM, BC), dtype=lo.dtype)
+    wb = tl.load(wb_ptr + channels, mask=channel_mask, other=0.0)  # the same channels every trip
+    coefficient = tl.arange(0, NBP)[:, None]
+    acc = tl.zeros((NBP, BM * BC), dtype=lo.dtype)
+    acc_wb = tl.zeros((BM * BC,), dtype=lo.dtype)
     for it in range(0, blocks_per_program):
-        m = (split * blocks_per_program + it) * BM + tl.arange(0, BM)
-        mask = (m < M)[:, None] & channel_mask[None, :]
-        offs = m[:, None] * C + channels[None, :]
+        m = (split * blocks_per_program + it) * BM + position
+        mask = (m < M) & channel_mask
+        offs = m * C + channels
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
         row, t = _locate(x, lo, inv_h, GRID)
         b, db = _base_function(x, slope, BASE)
         if NEED_X:
-            dphi = db * wb[None, :]
+            dphi = db * wb
             if EXACT:
-                dphi = dphi + _spline_slope(table_ptr, (channels[None, :] * (GRID + 8) + row) * 4, mask, t, inv_h)
+                dphi = dphi + _spline_slope(table_ptr, (channels * (GRID + 8) + row) * 4, mask, t, inv_h)
             tl.store(gx_ptr + offs, (g * dphi).to(gx_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
             w0, w1, w2, w3, first = _coefficient_pieces(g, row, t, GRID)
-            acc += _piece_of(coefficient - first[:, :, None], w0[:, :, None], w1[:, :, None], w2[:, :, None],
-                             w3[:, :, None])
+            acc += _piece_of(coefficient - first[None, :], w0[None, :], w1[None, :], w2[None, :], w3[None, :])
             acc_wb += g * b
     if NEED_PARAMS:
-        coef_sum = tl.sum(acc, axis=0)  # (BC, NBP): once per program
-        slot = (split * C + channels[:, None]) * NBP + tl.arange(0, NBP)[None, :]
-        tl.store(part_coef_ptr + slot, coef_sum, mask=channel_mask[:, None])
-        tl.store(part_wb_ptr + split * C + channels, tl.sum(acc_wb, axis=0), mask=channel_mask)
+        # once per program: sum over the BM positions of the tile; (NBP, BC) and (BC,)
+        coef_sum = tl.sum(tl.reshape(acc, (NBP, BM, BC)), axis=1)
+        wb_sum = tl.sum(tl.reshape(acc_wb, (BM, BC)), axis=0)
+        block_channels = tl.program_id(1) * BC + tl.arange(0, BC)
+        block_mask = block_channels < C
+        slot = (split * C + block_channels[None, :]) * NBP + tl.arange(0, NBP)[:, None]
+        tl.store(part_coef_ptr + slot, coef_sum, mask=block_mask[None, :])
+        tl.store(part_wb_ptr + split * C + block_channels, wb_sum, mask=block_mask)
 
 
 def _check(x3: torch.Tensor, table: torch.Tensor):
