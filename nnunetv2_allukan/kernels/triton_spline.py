@@ -21,11 +21,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import TRITON_MAX_ELEMENTS, triton_interpret_requested
 
 # Kernels were built for the interpreter (CPU tensors; slow) rather than compiled for a GPU.
 INTERPRETED = triton_interpret_requested()
+# Compiled kernels take the sigmoid's exp and reciprocal from the flush-to-zero approximations (ex2.approx.ftz,
+# div.approx.ftz): the same approximations as tl.exp / tl.fdiv(ieee_rounding=False) without their range fix-ups
+# for subnormal values (~6 instructions per value), which cannot change 1 / (1 + exp(-x)) beyond a subnormal.
+# The interpreter has no libdevice, so it runs the portable branch.
+_FAST_SIGMOID = tl.constexpr(not INTERPRETED)
 # Table rows: G + 6 intervals of the extended grid plus a zero row at each end (spline.spline_table).
 EXTRA_ROWS = 8
 # Every program of the backward kernel owns a slot of the partial-sum buffer; about this many programs in all,
@@ -44,8 +50,8 @@ def _locate(x, lo, inv_h, GRID: tl.constexpr):
     u = (x - lo) * inv_h
     floor_u = tl.floor(u)
     t = u - floor_u
-    r = tl.where(floor_u != floor_u, -4.0, floor_u)
-    r = tl.minimum(tl.maximum(r, -4.0), GRID + 3.0)
+    # tl.maximum without propagate_nan is IEEE maxNum (max.f32 compiled, np.fmax interpreted): NaN gives -4, row 0
+    r = tl.minimum(tl.maximum(floor_u, -4.0), GRID + 3.0)
     return (r + 4.0).to(tl.int32), t
 
 
@@ -57,7 +63,9 @@ def _base_function(x, slope, BASE: tl.constexpr):
         b = tl.where(positive, x, x * slope)
         db = tl.where(positive, 1.0, slope)
     else:
-        if x.dtype == tl.float32:  # the approximate divide (~2 ulp): the IEEE one is a ~10-instruction sequence
+        if x.dtype == tl.float32 and _FAST_SIGMOID:
+            sig = libdevice.fast_dividef(tl.full(x.shape, 1.0, tl.float32), 1.0 + libdevice.fast_expf(-x))
+        elif x.dtype == tl.float32:  # the approximate divide (~2 ulp): the IEEE one is a ~10-instruction sequence
             sig = tl.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.exp(-x), ieee_rounding=False)
         else:
             sig = 1.0 / (1.0 + tl.exp(-x))
@@ -90,17 +98,19 @@ def _phi_kernel(x_ptr, table_ptr, wb_ptr, params_ptr, out_ptr, numel, C, B,
         if PER_CHANNEL:
             channel = (offs // B) % C
             entry = channel * ((GRID + 8) * 4)
-            wb = tl.load(wb_ptr + channel, mask=mask, other=0.0)
+            wb = tl.load(wb_ptr + channel)  # channel < C for every lane, masked ones included
         else:
             entry = 0
             wb = tl.load(wb_ptr)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
     row, t = _locate(x, lo, inv_h, GRID)
-    entry = entry + row * 4
-    a0 = tl.load(table_ptr + entry, mask=mask, other=0.0)
-    a1 = tl.load(table_ptr + entry + 1, mask=mask, other=0.0)
-    a2 = tl.load(table_ptr + entry + 2, mask=mask, other=0.0)
-    a3 = tl.load(table_ptr + entry + 3, mask=mask, other=0.0)
+    entry = (entry + row * 4).to(tl.uint32)  # non-negative: a 32-bit offset, no sign extension to 64 bits
+    # No mask: every lane's row is clamped into the table (a masked-off lane reads row of x = 0) and its channel is
+    # < C, so the address is always valid; a masked load costs a predicate and a select per load.
+    a0 = tl.load(table_ptr + entry)
+    a1 = tl.load(table_ptr + entry + 1)
+    a2 = tl.load(table_ptr + entry + 2)
+    a3 = tl.load(table_ptr + entry + 3)
     s = a0 + (a1 + (a2 + a3 * t) * t) * t
     b_x, _ = _base_function(x, slope, BASE)
     tl.store(out_ptr + offs, (s + b_x * wb).to(out_ptr.dtype.element_ty), mask=mask)
