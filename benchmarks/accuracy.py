@@ -207,12 +207,7 @@ def train_one(task: str, trainer_name: str, fold: int, epochs: int, iterations: 
     summary = load_json(os.path.join(trainer.output_folder, "validation", "summary.json"))
     log = trainer.logger.my_fantastic_logging if hasattr(trainer.logger, "my_fantastic_logging") else \
         trainer.logger.local_logger.my_fantastic_logging
-    stats_file = os.path.join(trainer.output_folder, "ka_statistics.jsonl")
-    ka_stats = None
-    if os.path.isfile(stats_file):
-        with open(stats_file) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        ka_stats = {"first": _stats_summary(lines[0]), "last": _stats_summary(lines[-1])} if lines else None
+    ka_stats = ka_statistics_of(os.path.join(trainer.output_folder, "ka_statistics.jsonl"))
     epoch_seconds = [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
     if resumed_at is not None:  # this process trained only the last epochs: count every epoch's own time
         train_seconds = sum(epoch_seconds)
@@ -248,15 +243,33 @@ def machine() -> dict:
 
 
 def _stats_summary(entry: dict) -> dict:
+    """One line of ``ka_statistics.jsonl`` as a run record keeps it: medians over the KA layers, the largest spline
+    motion (the layer whose phi moved most), the gradient-norm statistics and, where that epoch measured it, the
+    Grad-Free Spline's gradient fidelity."""
     layers = list(entry["layers"].values())
 
     def median(key):
-        return statistics.median(l[key] for l in layers) if layers else None
+        values = [l[key] for l in layers if l.get(key) is not None]
+        return statistics.median(values) if values else None
 
+    moved = [l["spline_change"] for l in layers if l.get("spline_change") is not None]
+    fidelity = entry.get("gradient_fidelity") or {}
     return {"epoch": entry["epoch"], "median_coef_norm": median("coef_norm"), "median_base_weight": median("base_weight"),
             "median_max_spline_slope": median("max_spline_slope"), "median_outside_grid": median("outside_grid"),
+            "median_spline_change": median("spline_change"), "max_spline_change": max(moved) if moved else None,
+            "median_base_weight_change": median("base_weight_change"),
+            "fidelity_overall": fidelity.get("overall"),
             "grad_norm_mean": entry["grad_norm"]["mean"], "clipped_fraction": entry["grad_norm"]["clipped_fraction"],
             "share_of_squared_norm": entry["grad_norm"]["share_of_squared_norm"]}
+
+
+def ka_statistics_of(stats_file: str) -> dict | None:
+    """The first and last epoch's summary (``_stats_summary``) of a fold's ``ka_statistics.jsonl``, if any."""
+    if not os.path.isfile(stats_file):
+        return None
+    with open(stats_file) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return {"first": _stats_summary(lines[0]), "last": _stats_summary(lines[-1])} if lines else None
 
 
 def run(args) -> int:
@@ -311,8 +324,9 @@ def train_one_command(args) -> int:
 
 
 def rescore(args) -> int:
-    """Rewrite the Dice fields of every run record from its fold's ``validation/summary.json`` (``fold_dice``), for
-    records written before the present definition; nothing is retrained."""
+    """Rewrite the Dice fields of every run record from its fold's ``validation/summary.json`` (``fold_dice``), and
+    its KA statistics from the fold's ``ka_statistics.jsonl`` (``ka_statistics_of``), for records written before
+    the present definitions; nothing is retrained."""
     workdir = os.path.abspath(args.workdir)
     changed = 0
     for path in sorted(glob.glob(os.path.join(workdir, "runs", "*", "*", "*", "*.json"))):
@@ -332,13 +346,17 @@ def rescore(args) -> int:
             # a later run of the same trainer, fold and budget wrote that folder (e.g. another thread count)
             print(f"[accuracy] kept as recorded (the summary belongs to another run): {path}", flush=True)
             continue
+        stats = ka_statistics_of(os.path.join(os.path.dirname(os.path.dirname(summary_file)), "ka_statistics.jsonl"))
+        if stats is not None and r.get("ka_statistics") is not None:  # the summary's fields may have grown since
+            fields["ka_statistics"] = stats
         if any(json.dumps(r.get(k)) != json.dumps(v) for k, v in fields.items()):  # NaN-safe
             old = r["foreground_mean"]
             r.update(fields)
             with open(path, "w") as f:
                 json.dump(r, f, indent=1)
             changed += 1
-            print(f"[accuracy] {path}: foreground Dice {old:.4f} -> {r['foreground_mean']:.4f}", flush=True)
+            print(f"[accuracy] {path}: foreground Dice {old:.4f} -> {r['foreground_mean']:.4f}"
+                  + (" (and its KA statistics)" if "ka_statistics" in fields else ""), flush=True)
     print(f"[accuracy] {changed} record(s) rescored", flush=True)
     return 0
 

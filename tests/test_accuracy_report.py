@@ -374,3 +374,35 @@ def test_class_sizes_are_the_shares_of_the_labelled_foreground(tmp_path):
     assert set(sizes) == {"parcellation"}
     assert sizes["parcellation"] == {"1": {"name": "a", "share": 0.8}, "2": {"name": "b", "share": 0.2},
                                      "3": {"name": "never", "share": 0.0}}
+
+
+def _statistics_line(epoch, changes, fidelity=None):
+    layers = {f"layer{i}": {"coef_norm": 1.0 + i, "base_weight": 1.0, "max_spline_slope": 0.1, "outside_grid": 0.01,
+                            "spline_change": c, "base_weight_change": c / 2} for i, c in enumerate(changes)}
+    entry = {"epoch": epoch, "layers": layers,
+             "grad_norm": {"mean": 1.0, "clipped_fraction": 0.0, "share_of_squared_norm": {"weight": 1.0}}}
+    if fidelity is not None:
+        entry["gradient_fidelity"] = {"overall": fidelity, "per_layer": {}}
+    return entry
+
+
+def test_rescore_refreshes_the_ka_statistics_from_the_fold_folder(tmp_path):
+    accuracy = _accuracy_module()
+    fold = (tmp_path / "results" / "e20x25" / accuracy.TASKS["icbm"]["name"] / "nnUNetTrainerAllUKAN__nnUNetPlans__2d"
+            / "fold_1")
+    (fold / "validation").mkdir(parents=True)
+    (fold / "validation" / "summary.json").write_text(json.dumps(_summary([{"1": (8, 2, 0), "2": (5, 0, 0)}])))
+    lines = [_statistics_line(0, [0.0, 0.0, 0.0], fidelity=0.99), _statistics_line(19, [0.3, 0.1, 0.05])]
+    (fold / "ka_statistics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    record = tmp_path / "runs" / "icbm" / "e20x25" / "nnUNetTrainerAllUKAN" / "fold_1_seed0.json"
+    record.parent.mkdir(parents=True)
+    old = _run("nnUNetTrainerAllUKAN", 1, 500, 0.8, 100.0)
+    old.update(accuracy.fold_dice(_summary([{"1": (8, 2, 0), "2": (5, 0, 0)}])),
+               ka_statistics={"first": {"epoch": 0}, "last": {"epoch": 19}})  # written before the new fields
+    record.write_text(json.dumps(old))
+    assert accuracy.main(["rescore", "--workdir", str(tmp_path)]) == 0
+    stats = json.loads(record.read_text())["ka_statistics"]
+    assert stats["last"]["median_spline_change"] == pytest.approx(0.1)
+    assert stats["last"]["max_spline_change"] == pytest.approx(0.3)
+    assert stats["last"]["median_base_weight_change"] == pytest.approx(0.05)
+    assert stats["first"]["fidelity_overall"] == 0.99 and stats["last"]["fidelity_overall"] is None
