@@ -86,7 +86,7 @@ def report(args, class_sizes: dict | None = None) -> int:
                      f"{per_class} | {r['train_seconds']:.0f} | {coef} | {base} | {clip} |")
     with open(os.path.join(args.out, "runs.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    summary = summary_tables(rows) + per_class_tables(rows, sizes)
+    summary = summary_tables(rows) + screen_tables(rows) + per_class_tables(rows, sizes)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(summary)
     print("\n".join(lines))
@@ -99,6 +99,7 @@ def report(args, class_sizes: dict | None = None) -> int:
 
 
 BASELINE = "nnUNetTrainer"  # nnU-Net's CNN: every paired difference is against it
+DEFAULT = "nnUNetTrainerAllUKAN"  # the control of the recipe screens
 OLD_DEFAULT_RECIPE = " (0.1 recipe)"
 
 
@@ -230,6 +231,56 @@ def summary_tables(rows: list[dict]) -> str:
                    f"{c['train_seconds']:.0f} | {c['foreground_mean']:.4f} | "
                    f"{r['foreground_mean'] - c['foreground_mean']:+.4f} |")
     return "\n".join(out) + "\n"
+
+
+def screen_tables(rows: list[dict], min_seeds: int = 2) -> str:
+    """Markdown: recipe screens, one table per task, plans, budget and fold in which ``DEFAULT`` and at least one
+    other trainer have ``min_seeds`` or more seeds: per trainer the Dice per seed, the difference to ``DEFAULT``
+    paired by seed and its mean, the median epoch time relative to ``DEFAULT``'s, and from the last epoch's KA
+    statistics the median and largest spline motion (mean over the seeds)."""
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((*_setting(r), r["iterations"], r["fold"]), {}).setdefault(r["trainer"], {})[r["seed"]] = r
+    out = []
+    for key in sorted(cells):
+        control = cells[key].get(DEFAULT, {})
+        others = [t for t in cells[key] if t != DEFAULT and len(cells[key][t]) >= min_seeds]
+        if len(control) < min_seeds or not others:
+            continue
+        if not out:
+            out = ["", "## Recipe screens (one fold, several seeds)", "",
+                   f"Each trainer against `{DEFAULT}` with the same seed (same initialisation stream, patches and "
+                   "augmentation), same task, plans, budget and fold. Δ: per seed and mean; time: median epoch time "
+                   f"over `{DEFAULT}`'s, per seed, median over the seeds (runs on the same machine and thread count "
+                   "only); spline moved: max over the grid of |S(x) − S₀(x)| at the last "
+                   "epoch, median over the KA layers and the largest layer's, mean over the seeds.", ""]
+        out += [f"**{key[0]}, {key[1]}, {key[2]} iterations, fold {key[3]}**", "",
+                "| trainer | seeds | Dice per seed | mean | Δ vs default per seed | mean Δ | time | spline moved "
+                "(median / largest) |", "|---|---|---|---|---|---|---|---|"]
+        for trainer in [DEFAULT, BASELINE] + sorted(t for t in others if t != BASELINE):
+            runs = cells[key].get(trainer, {})
+            if not runs:
+                continue
+            seeds = sorted(runs)
+            dice = [runs[s]["foreground_mean"] for s in seeds]
+            paired = [runs[s]["foreground_mean"] - control[s]["foreground_mean"] for s in seeds if s in control]
+            last = [(r.get("ka_statistics") or {}).get("last") or {} for r in runs.values()]
+            moved = [(x["median_spline_change"], x["max_spline_change"]) for x in last
+                     if x.get("median_spline_change") is not None]
+            motion = (f"{statistics.mean(m[0] for m in moved):.3f} / {statistics.mean(m[1] for m in moved):.3f}"
+                      if moved else "–")
+            ratios = [runs[s]["median_epoch_seconds"] / control[s]["median_epoch_seconds"] for s in seeds
+                      if s in control and _same_machine(runs[s], control[s])
+                      and runs[s].get("threads") == control[s].get("threads")]
+            time = f"{statistics.median(ratios):.2f}×" if ratios else "–"
+            delta = "–" if trainer == DEFAULT else " / ".join(
+                f"{runs[s]['foreground_mean'] - control[s]['foreground_mean']:+.4f}" if s in control else "–"
+                for s in seeds)
+            mean_delta = "–" if trainer == DEFAULT or not paired else f"**{statistics.mean(paired):+.4f}**"
+            out.append(f"| {trainer} | {','.join(map(str, seeds))} | {' / '.join(f'{d:.4f}' for d in dice)} | "
+                       f"{statistics.mean(dice):.4f} | {delta} | {mean_delta} | {time} | {motion} |")
+        out.append("")
+    return "\n".join(out) + "\n" if out else ""
 
 
 def _spearman(a: list[float], b: list[float]) -> float:

@@ -406,3 +406,27 @@ def test_rescore_refreshes_the_ka_statistics_from_the_fold_folder(tmp_path):
     assert stats["last"]["max_spline_change"] == pytest.approx(0.3)
     assert stats["last"]["median_base_weight_change"] == pytest.approx(0.05)
     assert stats["first"]["fidelity_overall"] == 0.99 and stats["last"]["fidelity_overall"] is None
+
+
+def test_screen_table_pairs_each_variant_with_the_default_by_seed():
+    report = _report_module()
+
+    def run(trainer, seed, dice, epoch_seconds, moved=None):
+        r = _run(trainer, 1, 500, dice, 100.0)
+        r.update(seed=seed, median_epoch_seconds=epoch_seconds, machine={"boot_id": "a"})
+        if moved is not None:
+            r["ka_statistics"] = {"last": {"median_spline_change": moved[0], "max_spline_change": moved[1]}}
+        return r
+
+    rows = [run("nnUNetTrainerAllUKAN", 0, 0.70, 6.0, (0.02, 0.2)), run("nnUNetTrainerAllUKAN", 1, 0.74, 6.0, (0.04, 0.4)),
+            run("nnUNetTrainerAllUKAN_grid8", 0, 0.73, 6.6, (0.1, 0.5)), run("nnUNetTrainerAllUKAN_grid8", 1, 0.73, 7.2),
+            run("nnUNetTrainerAllUKAN_grid3", 0, 0.69, 5.0),  # one seed only: not a screen row
+            run("nnUNetTrainer", 0, 0.72, 3.0), run("nnUNetTrainer", 1, 0.76, 3.0)]
+    table = report.screen_tables(rows)
+    assert _row(table, "nnUNetTrainerAllUKAN_grid8") == [
+        "nnUNetTrainerAllUKAN_grid8", "0,1", "0.7300 / 0.7300", "0.7300", "+0.0300 / -0.0100", "**+0.0100**",
+        "1.15×", "0.100 / 0.500"]
+    assert _row(table, "nnUNetTrainerAllUKAN")[-1] == "0.030 / 0.300"
+    assert _row(table, "nnUNetTrainer")[4:7] == ["+0.0200 / +0.0200", "**+0.0200**", "0.50×"]
+    assert "grid3" not in table
+    assert report.screen_tables([r for r in rows if r["seed"] == 0]) == ""  # one seed everywhere: no screen
