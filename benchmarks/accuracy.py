@@ -373,7 +373,8 @@ def class_sizes(workdir: str) -> dict:
             continue
         with open(os.path.join(folder, "dataset.json")) as f:
             dataset = json.load(f)
-        names = {str(v): k for k, v in dataset["labels"].items() if isinstance(v, int) and v != 0}
+        # labels only (regions, given as lists, overlap; the ignore label is no class)
+        names = {str(v): k for k, v in dataset["labels"].items() if isinstance(v, int) and v != 0 and k != "ignore"}
         counts = dict.fromkeys(names, 0)
         for path in sorted(glob.glob(os.path.join(folder, "labelsTr", "*" + dataset["file_ending"]))):
             values, n = np.unique(np.asarray(nibabel.load(path).dataobj), return_counts=True)
@@ -419,7 +420,9 @@ def postprocessing(args) -> int:
              "labels": {k: v for k, v in dataset["labels"].items() if v != 0},
              "command": (f"python benchmarks/accuracy.py postprocessing --task {args.task} --trainers "
                          f"{' '.join(args.trainers)} --folds {' '.join(map(str, args.folds))} --epochs {args.epochs} "
-                         f"--iterations {args.iterations} --seed {args.seed} --plans {args.plans}"),
+                         f"--iterations {args.iterations} --seed {args.seed} --plans {args.plans}"
+                         + ("" if args.batch_size is None else f" --batch-size {args.batch_size}")
+                         + " --workdir W --out docs/accuracy_results"),
              "trainers": {}}
     for trainer in args.trainers:
         print(f"[accuracy] {trainer}: nnU-Net's find_best_configuration on folds {args.folds}", flush=True)

@@ -91,10 +91,19 @@ def trainer_record(folder: str, fold_cases: dict[int, set[str]]) -> dict:
 
 def markdown(table: dict) -> str:
     """One row per trainer and fold: Dice and false positives before -> after postprocessing."""
-    names = {str(v): k for k, v in table.get("labels", {}).items()}
+    labels = table.get("labels", {})
+    # nnU-Net's summary keys: "1" for a label, "(1, 2)" for a region (regions_class_order datasets)
+    names = {str(tuple(v)) if isinstance(v, list) else str(v): k for k, v in labels.items()}
+    foreground = sorted(v for v in labels.values() if isinstance(v, int))
 
     def classes(keys):
         return ", ".join(names.get(k, k) for k in keys) or "-"
+
+    def step(label) -> str:
+        """One postprocessing step's labels_or_regions: the first, over all foreground labels, or one class."""
+        if isinstance(label, list) and sorted(label) == foreground and str(tuple(label)) not in names:
+            return "the whole foreground"
+        return classes([str(tuple(label)) if isinstance(label, list) else str(label)])
 
     lines = [f"# False positives before and after nnU-Net's postprocessing: {table['task']}, {table['budget']}, "
              f"folds {' '.join(str(f) for f in table['folds'])}, seed {table['seed']}", "",
@@ -106,8 +115,7 @@ def markdown(table: dict) -> str:
              "stray voxels |", "|---|---|---|---|---|---|---|"]
     for trainer, record in table["trainers"].items():
         # nnU-Net first tries the largest component of the whole foreground (a list of every label), then per class
-        chosen = "; ".join("the whole foreground" if isinstance(label, list) else classes([str(label)])
-                           for label in (p["kwargs"].get("labels_or_regions") for p in record["postprocessing"]))
+        chosen = "; ".join(step(p["kwargs"].get("labels_or_regions")) for p in record["postprocessing"])
         for fold in record["before"]:
             b, a = record["before"][fold], record["after"][fold]
             lines.append(f"| {trainer} | {'largest component of: ' + chosen if chosen else 'none'} | {fold} | "

@@ -117,7 +117,8 @@ def compile_report(kernel_name: str, share: str, dtype: str, arch: int, grid_siz
         raise ValueError(f"layout={layout!r}; allowed: 'planes', 'channels_fastest'")
     if layout == "channels_fastest" and (kernel_name != "backward" or not per_channel):
         raise ValueError("the channels-fastest kernel is the backward of per-channel splines (share='channel'); "
-                         "the forward and share='layer' read every layout as planes")
+                         "share='layer' reads every layout as planes, and the forward's flat per-channel path "
+                         "(channels_last, Linear) is not read here")
     data = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}[dtype]
     if kernel_name == "forward":
         kernel = triton_spline._phi_kernel

@@ -430,3 +430,27 @@ def test_screen_table_pairs_each_variant_with_the_default_by_seed():
     assert _row(table, "nnUNetTrainer")[4:7] == ["+0.0200 / +0.0200", "**+0.0200**", "0.50×"]
     assert "grid3" not in table
     assert report.screen_tables([r for r in rows if r["seed"] == 0]) == ""  # one seed everywhere: no screen
+
+
+def test_postprocessing_record_and_table_name_the_steps_and_count_before_and_after(tmp_path):
+    pp = _load("accuracy_postprocessing")
+    before = {"metric_per_case": [_case("a", c1=(10, 12, 0.8), c2=(0, 6, 0.0)), _case("b", c1=(8, 8, 0.5), c2=(4, 4, 1.0))]}
+    after = {"metric_per_case": [_case("a", c1=(10, 10, 0.9), c2=(0, 6, 0.0)), _case("b", c1=(8, 8, 0.5), c2=(4, 4, 1.0))]}
+    (tmp_path / "postprocessed").mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps(before))
+    (tmp_path / "postprocessed" / "summary.json").write_text(json.dumps(after))
+    for labels, steps, expected in (
+            ({"background": 0, "gm": 1, "wm": 2},
+             [[1, 2], 1], "largest component of: the whole foreground; gm"),
+            # regions (regions_class_order): a region step is named, not taken for the whole foreground
+            ({"background": 0, "brain": [1, 2], "wm": [2]}, [[1, 2]], "largest component of: brain")):
+        (tmp_path / "postprocessing.json").write_text(json.dumps({
+            "postprocessing_fns": ["remove_all_but_largest_component_from_segmentation"] * len(steps),
+            "postprocessing_kwargs": [{"labels_or_regions": s} for s in steps]}))
+        record = pp.trainer_record(str(tmp_path), {0: {"a.nii.gz", "b.nii.gz"}})
+        assert record["before"]["0"]["stray_case_classes"] == 1 and record["after"]["0"]["stray_voxels"] == 6
+        table = pp.markdown({"task": "t", "budget": "e1x1", "folds": [0], "seed": 0, "command": "c",
+                             "labels": {k: v for k, v in labels.items() if v != 0}, "trainers": {"T": record}})
+        assert _row(table, "T")[1] == expected
+        # Dice over the present classes; class 2's stray prediction in case a counts 0 for it (as in nnU-Net)
+        assert _row(table, "T")[3] == "0.5750 -> 0.6000"

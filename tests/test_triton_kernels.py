@@ -294,14 +294,19 @@ def test_spline_backend_switches_every_activation_and_restores_it():
 def test_backward_programs_loop_over_several_tiles(monkeypatch):
     """With few programs each loops over many tiles, so the per-thread accumulators carry across trips (on the
     default sizes the test inputs give each program one tile: only a GPU-sized input would exercise the loop)."""
-    monkeypatch.setattr(triton_spline, "TARGET_PROGRAMS", 2)
     monkeypatch.setattr(triton_spline, "BACKWARD_TILE", 64)
-    for share, shape in (("layer", (3, 5, 17, 13)), ("channel", (3, 5, 17, 13))):
-        act = _activation(share, "exact", dtype=torch.float64)
+    # Programs per channel (block) = TARGET_PROGRAMS // channel blocks: with 1 (share layer) or 5 channels (one
+    # program each) and with 2 channel blocks, 10 and 4 give at least two programs per channel, each over several
+    # tiles, so that a program's position in the split (not only its trip) must be right.
+    cases = (("layer", 1, (3, 5, 17, 13), None, 2), ("layer", 1, (3, 5, 17, 13), None, 4),
+             ("channel", 5, (3, 5, 17, 13), None, 10), ("channel", 40, (3, 50, 40), -1, 2),
+             ("channel", 40, (3, 50, 40), -1, 6))
+    for share, channels, shape, channel_dim, programs in cases:
+        monkeypatch.setattr(triton_spline, "TARGET_PROGRAMS", programs)
+        act = _activation(share, "exact", channels=channels, dtype=torch.float64)
+        if channel_dim is not None:
+            act.channel_dim = channel_dim  # channels fastest: (positions, channel block) tiles
         _compare_backends(act, _difficult_input(shape, torch.float64), rtol=1e-12, atol=1e-12)
-    act = _activation("channel", "free", channels=40, dtype=torch.float64)
-    act.channel_dim = -1  # channels fastest: (positions, channel block) tiles
-    _compare_backends(act, _difficult_input((3, 50, 40), torch.float64), rtol=1e-12, atol=1e-12)
 
 
 def test_auto_sends_inputs_too_large_for_the_kernels_to_the_torch_path():

@@ -104,7 +104,7 @@ def _phi_kernel(x_ptr, table_ptr, wb_ptr, params_ptr, out_ptr, numel, C, B,
             wb = tl.load(wb_ptr)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(lo.dtype)
     row, t = _locate(x, lo, inv_h, GRID)
-    entry = (entry + row * 4).to(tl.uint32)  # non-negative: a 32-bit offset, no sign extension to 64 bits
+    entry = (entry + row * 4).to(tl.uint32)  # non-negative: zero-extended (mad.wide.u32), no sign fix-up
     # No mask: every lane's row is clamped into the table (a masked-off lane reads row of x = 0) and its channel is
     # < C, so the address is always valid; a masked load costs a predicate and a select per load.
     a0 = tl.load(table_ptr + entry)

@@ -58,6 +58,22 @@ def train_command(dataset, configuration, trainer, fold, plans, device, extra) -
     return cmd + list(extra)
 
 
+def parameter_count(state_dict: dict) -> int:
+    """Floating-point values of a network's state dict, each tensor counted once. A state dict names one tensor
+    under every module that holds it: nnU-Net's PlainConvUNet lists its encoder again under ``decoder.encoder`` and
+    every conv again under ``all_modules``, so summing its entries counted the CNN's 1.93 M parameters as 6.03 M
+    (tensors loaded from one checkpoint keep sharing their storage, which identifies them)."""
+    seen, total = set(), 0
+    for value in state_dict.values():
+        if not value.is_floating_point():
+            continue
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if key not in seen:
+            seen.add(key)
+            total += value.numel()
+    return int(total)
+
+
 def _fold_record(folder: str) -> dict:
     import torch
 
@@ -67,8 +83,7 @@ def _fold_record(folder: str) -> dict:
               "foreground_mean": float(summary["foreground_mean"]["Dice"]), "params": None,
               "seconds_per_epoch": None, "epochs": None}
     checkpoint = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False)
-    record["params"] = int(sum(v.numel() for k, v in checkpoint["network_weights"].items()
-                               if v.is_floating_point()))
+    record["params"] = parameter_count(checkpoint["network_weights"])
     logging = checkpoint.get("logging", {})
     starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
     durations = [e - s for s, e in zip(starts, ends)]

@@ -64,3 +64,22 @@ def test_a_failed_fold_reports_what_finished_then_exits_non_zero(tmp_path):
     assert "1 training run(s) failed" in proc.stderr and "nnUNetv2_train 987 2d 1" in proc.stderr
     data = json.loads((tmp_path / "cv" / "crossval.json").read_text())
     assert data["summary"]["nnUNetTrainerDone"]["dice"]["(1, 2)"]["mean"] == pytest.approx(0.9)
+
+
+def test_parameter_count_counts_each_shared_tensor_once(tmp_path):
+    """nnU-Net's PlainConvUNet names its encoder twice in its state dict (``decoder.encoder``) and every conv again
+    under ``all_modules``: the count from a saved checkpoint must equal ``network.parameters()`` (which torch
+    deduplicates), not the sum over the state dict's entries."""
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from nnunetv2_allukan.tools.crossval import parameter_count
+
+    net = PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv2d, 3, (1, 2, 2), 2, 3, 2, conv_bias=True,
+                        norm_op=torch.nn.InstanceNorm2d, nonlin=torch.nn.LeakyReLU)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"network_weights": net.state_dict()}, path)
+    weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    expected = sum(p.numel() for p in net.parameters())
+    assert sum(v.numel() for v in weights.values() if v.is_floating_point()) > expected  # the naive sum overcounts
+    assert parameter_count(weights) == expected
