@@ -502,6 +502,18 @@ def spline_motion(args) -> int:
     return 0
 
 
+def _finished_run_arguments(p, out_stem: str) -> None:
+    """The options that find finished runs (seed, budget, plans, work folder) and where their tables go, for the
+    commands that read runs (spline-motion, postprocessing)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument("--plans", choices=sorted(PLANS), default="default")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", default=None, help=f"folder for {out_stem}_*.md/.json (default: print only)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -533,13 +545,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--trainers", nargs="+", required=True)
     p.add_argument("--fold", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--iterations", type=int, default=25)
-    p.add_argument("--plans", choices=sorted(PLANS), default="default")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", default=None, help="folder for spline_motion_*.md/.json (default: print only)")
+    _finished_run_arguments(p, "spline_motion")
     p.set_defaults(func=spline_motion)
     p = sub.add_parser("rescore", help="recompute the Dice fields of the run records from nnU-Net's validation "
                                        "summaries (after a change of definition; no training)")
@@ -550,13 +556,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=sorted(TASKS), required=True)
     p.add_argument("--trainers", nargs="+", required=True)
     p.add_argument("--folds", type=int, nargs="+", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--iterations", type=int, default=25)
-    p.add_argument("--plans", choices=sorted(PLANS), default="default")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--out", default=None, help="folder for postprocessing_*.md/.json (default: print only)")
+    _finished_run_arguments(p, "postprocessing")
     p.set_defaults(func=postprocessing)
     p = sub.add_parser("report", help="tables and plots of every finished run")
     p.add_argument("--workdir", required=True)
